@@ -1,0 +1,30 @@
+# make demo: set up, then run the default recipe end to end.   make test: set up, then run the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: the CPU wheel on this machine; asking for torch through the other packages
+# would make pip resolve a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/rlhf sft --config configs/sft/tiny.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench all
+
+clean:
+	rm -rf runs wandb

@@ -1,0 +1,164 @@
+"""The `rlhf` command: stages, the registry, evaluation, recipes.
+
+    rlhf sft --config configs/sft/tiny.yaml [key=value ...]
+    rlhf registry list [--json] | show REF [--json] | gc [--delete-files]
+    rlhf eval REF [--json]
+
+Stage modules are imported only when their command runs, so registry commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from typing import Any
+
+STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in STAGE_MODULES:
+        module = importlib.import_module(STAGE_MODULES[argv[0]])
+        return _guarded(lambda: module.main(argv[1:]))
+    if argv and argv[0] == "run":
+        module = importlib.import_module("stages.recipe")
+        return _guarded(lambda: module.main(argv[1:]))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _guarded(lambda: args.handler(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo).")
+    parser.set_defaults(command=None)
+    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,run,registry,eval}")
+    for stage in STAGE_MODULES:
+        commands.add_parser(stage, help=f"run the {stage} stage: --config FILE [key=value ...]")
+    commands.add_parser("run", help="run a recipe: RECIPE.yaml [key=value ...] [--dry-run]")
+
+    registry = commands.add_parser("registry", help="list, show or clean the model registry")
+    registry_commands = registry.add_subparsers(metavar="{list,show,gc}")
+    listing = registry_commands.add_parser("list", help="all entries with status and lineage")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(command="registry", handler=_registry_list)
+    show = registry_commands.add_parser("show", help="one entry in full")
+    show.add_argument("ref")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(command="registry", handler=_registry_show)
+    gc = registry_commands.add_parser("gc", help="remove entries that never became ready (only when asked)")
+    gc.add_argument("--delete-files", action="store_true", help="also delete their output directories")
+    gc.set_defaults(command="registry", handler=_registry_gc)
+
+    evaluate = commands.add_parser("eval", help="evaluate a registered model or a path on the held-out embedded tasks")
+    evaluate.add_argument("ref")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--num-prompts", type=int, default=200)
+    evaluate.add_argument("--seed", type=int, default=1234, help="held-out draw; any seed stays disjoint from training")
+    evaluate.set_defaults(command="eval", handler=_eval)
+    return parser
+
+
+def _registry_list(args: argparse.Namespace) -> int:
+    from stages.registry import Registry
+
+    entries = Registry().list()
+    if args.json:
+        print(json.dumps([entry.to_dict() for entry in entries], indent=2, default=str))
+        return 0
+    header = ("REF", "KIND", "STATUS", "PARENT", "CREATED", "KEY METRIC", "PATH")
+    rows = [header] + [
+        (
+            entry.ref if not entry.builtin else entry.name + " (built-in)",
+            entry.kind,
+            entry.status.upper() if entry.status != "ready" else entry.status,
+            entry.parent or "-",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created)) if entry.created else "-",
+            _key_metric(entry.metrics),
+            entry.path,
+        )
+        for entry in entries
+    ]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+    incomplete = [entry.ref for entry in entries if entry.status != "ready"]
+    if incomplete:
+        print(f"\n{len(incomplete)} incomplete (never finished; `rlhf registry gc` removes them): {', '.join(incomplete)}")
+    return 0
+
+
+def _registry_show(args: argparse.Namespace) -> int:
+    from stages.registry import Registry
+
+    entry = Registry().get(args.ref)
+    record = entry.to_dict()
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        for key, value in record.items():
+            shown = json.dumps(value, indent=2, default=str) if isinstance(value, (dict, list)) else value
+            print(f"{key}: {shown}")
+    return 0
+
+
+def _registry_gc(args: argparse.Namespace) -> int:
+    from stages.registry import Registry
+
+    removed = Registry().remove_incomplete(delete_files=args.delete_files)
+    print(f"removed {len(removed)} incomplete entries" + (": " + ", ".join(e.ref for e in removed) if removed else ""))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from stages import evaluation, models
+    from stages.registry import Registry
+
+    entry = Registry().get(args.ref)
+    config = evaluation.EvalConfig(num_prompts=args.num_prompts, seed=args.seed)
+    if entry.kind == "reward":
+        from reward import evaluation as reward_evaluation
+
+        metrics = reward_evaluation.evaluate_reward_model(entry, num_pairs=max(args.num_prompts, 500), seed=args.seed)
+    else:
+        metrics, _ = evaluation.exact_match(models.load_causal_lm(entry), models.load_tokenizer(entry), config)
+    if args.json:
+        print(json.dumps({"ref": entry.ref, "metrics": metrics}, indent=2))
+    else:
+        print(f"{entry.ref}")
+        for key, value in metrics.items():
+            print(f"  {key:<40} {value:.4f}")
+    return 0
+
+
+def _key_metric(metrics: dict[str, Any]) -> str:
+    for key in ("eval/exact_match", "eval/pairwise_accuracy"):
+        if key in metrics:
+            return f"{key.split('/')[-1]}={metrics[key]:.3f}"
+    return "-"
+
+
+def _guarded(action: Any) -> int:
+    """Known user errors print one clear line instead of a traceback."""
+    from stages.config import ConfigError
+
+    try:
+        result = action()
+    except (ConfigError, LookupError, FileNotFoundError, ValueError, RuntimeError) as error:
+        if type(error).__name__ in _USER_ERRORS or isinstance(error, ConfigError):
+            print(f"rlhf: error: {error}", file=sys.stderr)
+            return 2
+        raise
+    return result if isinstance(result, int) else 0
+
+
+_USER_ERRORS = {"ConfigError", "RegistryError", "DataError", "ModelLoadError", "OutputDirError", "DeepSpeedConfigError"}
+
+if __name__ == "__main__":
+    sys.exit(main())

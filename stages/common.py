@@ -1,0 +1,225 @@
+"""Plumbing every stage shares: the common config fields, output directories, registration, reports.
+
+A stage's lifecycle (the same section order in every stage module):
+setup → model and tokenizer → data → trainer → train → save → evaluate → register.
+`StageRun` holds what the lifecycle needs across sections: the run name, output directory, the
+registry entry (incomplete until `finish`), and the W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages import distributed, tracking
+from stages.config import to_dict
+from stages.evaluation import EvalConfig
+from stages.registry import Entry, Registry, rlhf_home
+from stages.secrets import scrub
+
+MANIFEST = "stage_config.json"
+
+
+@dataclass
+class LoraSection:
+    """Optional LoRA adapters (peft)."""
+
+    enabled: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    r: int = field(default=8, metadata={"help": "Adapter rank; higher = more capacity and memory."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names that get adapters."}
+    )
+    merge_on_save: bool = field(default=True, metadata={"help": "Save merged full weights (loadable without peft) instead of adapters."})
+
+    def peft_config(self, task_type: str, modules_to_save: list[str] | None = None) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            task_type=task_type,
+            modules_to_save=modules_to_save,
+        )
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has."""
+
+    model: str = field(default="tiny-llama", metadata={"help": "Model reference: registry name[:version], kind:latest, built-in name, or path."})
+    run_name: str | None = field(default=None, metadata={"help": "Name of this run (default: STAGE-TIMESTAMP)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where the output goes (default: RLHF_HOME/RUN_NAME/STAGE)."})
+    register_as: str | None = field(default=None, metadata={"help": "Registry name of the output (default: the stage name)."})
+    seed: int = field(default=42, metadata={"help": "Seed of data order, initialisation and sampling."})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted run in output_dir from its last checkpoint."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repositories' own Python code. Off unless you trust it."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. deepspeed_configs/zero3.json (needs the deepspeed launcher)."})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA adapters."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation."})
+    tracking: tracking.TrackingConfig = field(default_factory=tracking.TrackingConfig, metadata={"help": "W&B."})
+
+
+class OutputDirError(RuntimeError):
+    """The output directory holds another run; refusing to overwrite it."""
+
+
+@dataclass
+class StageRun:
+    stage: str
+    kind: str
+    run_name: str
+    output_dir: Path
+    registry: Registry
+    entry: Entry | None = None
+    wandb_run: Any = None
+    started: float = field(default_factory=time.time)
+    already_done: bool = False
+
+
+def start(config: StageConfig, stage: str, kind: str) -> StageRun:
+    """Setup section: name the run, claim the output directory, open W&B (main process only writes)."""
+    distributed.setup()
+    run_name = config.run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output_dir = Path(config.output_dir) if config.output_dir else rlhf_home() / run_name / stage
+    run = StageRun(stage=stage, kind=kind, run_name=run_name, output_dir=output_dir.resolve(), registry=Registry())
+    resolved = scrub(to_dict(config)) | {"run_name": run_name, "output_dir": str(run.output_dir)}
+    if distributed.is_main_process():
+        _claim_output_dir(run, config, resolved)
+    run.already_done = distributed.broadcast_object(run.already_done)
+    return run
+
+
+def open_tracking(run: StageRun, config: StageConfig) -> None:
+    if distributed.is_main_process() and not run.already_done:
+        run.wandb_run = tracking.start_run(
+            config.tracking, run.run_name, job_type=run.stage, config=scrub(to_dict(config)), run_dir=run.output_dir
+        )
+
+
+def register_start(run: StageRun, config: StageConfig, parent: Entry | None, **fields: Any) -> None:
+    """Record the output as incomplete before training, so a crash leaves a visible incomplete entry."""
+    if not distributed.is_main_process():
+        return
+    name = config.register_as or run.stage
+    existing = [e for e in run.registry.list(include_builtin=False) if Path(e.path) == run.output_dir]
+    if existing and config.resume:
+        run.entry = existing[-1]
+        return
+    run.entry = run.registry.begin(
+        name,
+        run.kind,
+        run.output_dir,
+        parent=parent.ref if parent and not parent.builtin else (parent.name if parent else None),
+        stage=run.stage,
+        run=run.run_name,
+        config=scrub(to_dict(config)),
+        trust_remote_code=config.trust_remote_code,
+        wandb_run=tracking.run_path(run.wandb_run),
+        **fields,
+    )
+
+
+def finish(run: StageRun, metrics: dict[str, Any], samples: list[dict[str, Any]], card: dict[str, Any]) -> None:
+    """Register section: metrics file, model card, then flip the entry to ready; close W&B."""
+    if not distributed.is_main_process():
+        return
+    seconds = time.time() - run.started
+    metrics = {key: value for key, value in metrics.items()} | {"seconds": round(seconds, 1)}
+    _write_json(run.output_dir / "metrics.json", scrub(metrics))
+    _write_json(run.output_dir / "samples.json", scrub(samples))
+    write_model_card(run, metrics, card)
+    tracking.log(run.wandb_run, metrics)
+    tracking.log_table(run.wandb_run, "eval/samples", samples)
+    if run.entry is not None:
+        run.entry = run.registry.mark_ready(run.entry.ref, metrics=metrics, wandb_run=tracking.run_path(run.wandb_run))
+    tracking.finish(run.wandb_run, metrics)
+    print_summary(run, metrics, card)
+
+
+def write_model_card(run: StageRun, metrics: dict[str, Any], card: dict[str, Any]) -> None:
+    ref = run.entry.ref if run.entry else "(not registered)"
+    lines = [
+        f"# {ref}",
+        "",
+        f"Stage `{run.stage}` of rlhf-stages, run `{run.run_name}`.",
+        "",
+        f"- base model: `{card.get('base', '?')}`",
+        f"- data: {card.get('data', '?')}",
+        *[f"- {key}: `{value}`" for key, value in card.get("config", {}).items()],
+        "",
+        "## Held-out metrics",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in sorted(metrics.items())],
+        "",
+        "## Load it",
+        "",
+        "```python",
+        f"from transformers import {card.get('auto_class', 'AutoModelForCausalLM')}, AutoTokenizer",
+        f"model = {card.get('auto_class', 'AutoModelForCausalLM')}.from_pretrained('{run.output_dir}')",
+        f"tokenizer = AutoTokenizer.from_pretrained('{run.output_dir}')",
+        "```",
+        f"or in any stage config: `model: {ref}`.",
+        "",
+    ]
+    _atomic_write(run.output_dir / "README.md", "\n".join(lines))
+
+
+def print_summary(run: StageRun, metrics: dict[str, Any], card: dict[str, Any]) -> None:
+    rows = [
+        ("model", card.get("base", "?")),
+        ("stage", run.stage),
+        ("steps", card.get("steps", "?")),
+        ("seconds", f"{metrics.get('seconds', 0):.1f}"),
+        *[(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in metrics.items() if key.startswith(("train/", "eval/")) and key.count("/") == 1],
+        ("output", str(run.output_dir)),
+        ("registry", run.entry.ref if run.entry else "-"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    print("\n" + "\n".join(f"  {key:<{width}}  {value}" for key, value in rows) + "\n", flush=True)
+
+
+def _claim_output_dir(run: StageRun, config: StageConfig, resolved: dict[str, Any]) -> None:
+    manifest = run.output_dir / MANIFEST
+    if run.output_dir.exists() and any(run.output_dir.iterdir()):
+        ready = [e for e in run.registry.list(include_builtin=False) if Path(e.path) == run.output_dir and e.status == "ready"]
+        if not config.resume:
+            holder = json.loads(manifest.read_text()).get("run_name", "?") if manifest.exists() else "unknown files"
+            raise OutputDirError(
+                f"{run.output_dir} already holds {'run ' + repr(holder) if manifest.exists() else holder}; "
+                "pass resume=true to continue it, or choose another output_dir/run_name. Nothing was overwritten."
+            )
+        if ready:
+            run.already_done = True
+            run.entry = ready[-1]
+            print(f"{run.stage}: {run.output_dir} is already registered ready as {ready[-1].ref}; nothing to do.")
+            return
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(manifest, resolved)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _atomic_write(path, json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write then rename: a reader never sees half a file, and a failed write leaves the old one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """Drop intermediate checkpoints once the final model is saved and registered."""
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)

@@ -1,0 +1,225 @@
+"""Dataset loading and conversion to one conversational shape every stage trains on.
+
+Sources: the embedded task generator, local JSON/JSONL/Parquet files, and Hub dataset names (via
+`datasets.load_dataset`). SFT rows come out as `{"prompt": [messages], "completion": [assistant
+message]}` (or `{"text": ...}` for plain language modelling), whatever format the user brought:
+`messages`, ShareGPT `conversations` (from/value), `prompt`/`completion`, Alpaca
+`instruction`/`input`/`output`, or `text`. Converting to prompt/completion works with any chat
+template (no `{% generation %}` markers needed) and lets TRL mask the loss to the completion.
+Departure: in multi-turn conversations only the final assistant turn is trained on; earlier turns
+are context.
+
+A malformed row is an error naming the source and row; an empty dataset is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from stages import tasks
+
+SUPPORTED_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source (file or dataset) and the row."""
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a stage's training data."""
+
+    source: str = field(
+        default="embedded",
+        metadata={"help": "'embedded' (task generator), a local .json/.jsonl/.parquet file, or a Hub dataset name."},
+    )
+    split: str = field(default="train", metadata={"help": "Split to read from a file or Hub dataset."})
+    format: Literal["auto", "messages", "conversations", "prompt_completion", "alpaca", "text"] = field(
+        default="auto", metadata={"help": "Row format; 'auto' detects it from the columns."}
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Column mapping, our name -> the dataset's name (e.g. {completion: answer})."},
+    )
+    num_examples: int | None = field(
+        default=None, metadata={"help": "Examples to take (embedded: to generate). None = all."}
+    )
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": "Embedded only: task families to generate (default: all)."}
+    )
+    templates_per_family: int | None = field(
+        default=None,
+        metadata={"help": "Embedded only: use only the first N training phrasings per family (1 = no augmentation)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_examples is not None and self.num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {self.num_examples}")
+
+
+def load_sft_rows(spec: DatasetSpec, seed: int) -> list[dict[str, Any]]:
+    """Load one dataset and convert every row to prompt/completion (or text); errors name the row."""
+    if spec.source == "embedded":
+        return tasks.generate(
+            spec.num_examples or 6000,
+            seed=seed,
+            split="train",
+            families=spec.tasks,
+            templates_per_family=spec.templates_per_family,
+        )
+    raw_rows, where = read_rows(spec)
+    rows = [convert_sft_row(_rename(row, spec.columns), spec.format, f"{where} row {index}") for index, row in enumerate(raw_rows)]
+    if spec.num_examples is not None:
+        rows = rows[: spec.num_examples]
+    return rows
+
+
+def read_rows(spec: DatasetSpec) -> tuple[list[dict[str, Any]], str]:
+    """Read raw rows of a local file or Hub dataset; returns the rows and a name for error messages."""
+    import datasets  # heavy import: only when files are actually read
+
+    path = Path(spec.source)
+    if path.suffix in SUPPORTED_FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"dataset file not found: {path}")
+        builder = SUPPORTED_FILE_SUFFIXES.get(path.suffix)
+        if builder is None:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # datasets raises several types for unparsable files
+            raise DataError(f"{path}: could not be read as {path.suffix} ({type(error).__name__}: {error})") from None
+        where = str(path)
+    else:
+        try:
+            dataset = datasets.load_dataset(spec.source, split=spec.split)
+        except Exception as error:
+            raise DataError(f"dataset {spec.source!r} (split {spec.split!r}) could not be loaded: {error}") from None
+        where = f"dataset {spec.source!r}"
+    rows = list(dataset)
+    if not rows:
+        raise DataError(f"{where}: the dataset is empty")
+    return rows, where
+
+
+def convert_sft_row(row: dict[str, Any], row_format: str, where: str) -> dict[str, Any]:
+    """Convert one raw row to `{"prompt": [...], "completion": [...]}` or `{"text": ...}`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    row_format = detect_format(row, where) if row_format == "auto" else row_format
+    if row_format == "text":
+        return {"text": _string(row, "text", where)}
+    if row_format == "alpaca":
+        instruction = _string(row, "instruction", where)
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        return _split_conversation([{"role": "user", "content": user}, {"role": "assistant", "content": _string(row, "output", where)}], where)
+    if row_format == "prompt_completion":
+        prompt, completion = _require(row, "prompt", where), _require(row, "completion", where)
+        prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, "prompt")
+        completion_messages = (
+            [{"role": "assistant", "content": completion}] if isinstance(completion, str) else check_messages(completion, where, "completion")
+        )
+        if not completion_messages or completion_messages[-1]["role"] != "assistant" or not completion_messages[-1]["content"].strip():
+            raise DataError(f"{where}: 'completion' must end with a non-empty assistant message")
+        return {"prompt": prompt_messages, "completion": completion_messages}
+    if row_format == "conversations":
+        turns = _require(row, "conversations", where)
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: 'conversations' must be a list of turns")
+        messages = []
+        for index, turn in enumerate(turns):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                raise DataError(f"{where}: conversations[{index}] needs 'from' and 'value'")
+            role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+            if role is None:
+                raise DataError(f"{where}: conversations[{index}] has unknown speaker {turn['from']!r}")
+            messages.append({"role": role, "content": turn["value"]})
+        return _split_conversation(check_messages(messages, where, "conversations"), where)
+    if row_format == "messages":
+        return _split_conversation(check_messages(_require(row, "messages", where), where, "messages"), where)
+    raise DataError(f"{where}: unknown format {row_format!r}")
+
+
+def detect_format(row: dict[str, Any], where: str) -> str:
+    """Name the row format from its columns."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "conversations"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    raise DataError(
+        f"{where}: cannot tell the format from columns {sorted(row)}; expected messages, conversations, "
+        "prompt/completion, instruction/input/output or text (or set `format` and `columns`)"
+    )
+
+
+def check_messages(messages: Any, where: str, key: str) -> list[dict[str, str]]:
+    """Validate a list of chat messages, naming the bad element."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: {key}[{index}] needs 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: {key}[{index}] has unknown role {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: {key}[{index}].content must be a string, got {type(message['content']).__name__}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def fingerprint(rows: Iterable[dict[str, Any]]) -> str:
+    """A stable hash of the converted rows (recorded in the registry for lineage)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def _split_conversation(messages: list[dict[str, str]], where: str) -> dict[str, Any]:
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last_assistant is None:
+        raise DataError(f"{where}: the conversation has no assistant turn to train on")
+    if last_assistant == 0:
+        raise DataError(f"{where}: the conversation starts with the assistant; there is no prompt")
+    if not messages[last_assistant]["content"].strip():
+        raise DataError(f"{where}: the final assistant turn is empty")
+    return {"prompt": messages[:last_assistant], "completion": [messages[last_assistant]]}
+
+
+def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    if not columns:
+        return row
+    renamed = dict(row)
+    for ours, theirs in columns.items():
+        if theirs in renamed:
+            renamed[ours] = renamed.pop(theirs)
+    return renamed
+
+
+def _require(row: dict[str, Any], key: str, where: str) -> Any:
+    if key not in row or row[key] is None:
+        raise DataError(f"{where}: missing column {key!r} (has {sorted(row)})")
+    return row[key]
+
+
+def _string(row: dict[str, Any], key: str, where: str) -> str:
+    value = _require(row, key, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value

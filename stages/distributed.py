@@ -1,0 +1,107 @@
+"""DeepSpeed and process-group plumbing, including the one workaround for GPU-less hosts.
+
+HF Trainer (hence every TRL trainer) asks accelerate for a backend; with `LOCAL_RANK` set by the
+deepspeed launcher and no accelerator present, accelerate 1.15 picks none, the world size reads 1
+and DeepSpeed's batch-size check fails (`8 != 8 * 1 * 2`). Choosing gloo (multi-CPU) in exactly that
+case is enough for ZeRO-2/3 to train on CPU ranks. Delete `_patch_accelerate_for_cpu_ranks` once
+accelerate selects gloo for CPU-only DeepSpeed ranks itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_patched = False
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed config file is missing, not JSON, or asks for what this hardware can't do."""
+
+
+def setup() -> None:
+    """Call first in every stage: makes HF Trainer + DeepSpeed work on CPU-only ranks."""
+    if is_distributed_launch() and not torch.cuda.is_available():
+        _patch_accelerate_for_cpu_ranks()
+
+
+def is_distributed_launch() -> bool:
+    return int(os.environ.get("LOCAL_RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's value on every rank (e.g. the registry version allocated by rank 0)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def resolve_deepspeed_config(path: str | None) -> str | None:
+    """Check a DeepSpeed config file before any compute; returns its absolute path."""
+    if path is None:
+        return None
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = REPO_ROOT / path
+    if not candidate.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config not found: {path} (shipped: {', '.join(shipped_deepspeed_configs())})")
+    try:
+        config = json.loads(candidate.read_text())
+    except json.JSONDecodeError as error:
+        raise DeepSpeedConfigError(f"{candidate} is not valid JSON: {error}") from None
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"{candidate}: zero_optimization.stage must be 0-3, got {stage!r}")
+    for offload_key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(offload_key) or {}).get("device", "none")
+        if device == "nvme" and not (zero.get(offload_key) or {}).get("nvme_path"):
+            raise DeepSpeedConfigError(f"{candidate}: {offload_key}.device is nvme but no nvme_path is set")
+        if offload_key == "offload_param" and device != "none" and stage != 3:
+            raise DeepSpeedConfigError(f"{candidate}: offload_param needs ZeRO stage 3 (stage is {stage})")
+    if config.get("fp16", {}).get("enabled") is True and not torch.cuda.is_available():
+        raise DeepSpeedConfigError(f"{candidate}: fp16 is enabled but there is no GPU; use bf16 'auto' or fp32 on CPU")
+    return str(candidate.resolve())
+
+
+def shipped_deepspeed_configs() -> list[str]:
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "deepspeed_configs").glob("*.json"))
+
+
+def _patch_accelerate_for_cpu_ranks() -> None:
+    global _patched
+    if _patched:
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+
+    def _prepare_backend(self: Any, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None) -> Any:
+        chosen_backend, distributed_type = original(self, cpu, sagemaker_dp, backend)
+        if distributed_type == DistributedType.NO and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return chosen_backend, distributed_type
+
+    PartialState._prepare_backend = _prepare_backend
+    _patched = True

@@ -1,0 +1,98 @@
+"""Held-out evaluation shared by every stage: greedy generation on embedded task prompts, exact match.
+
+Prompts come from the task generator's eval split (instances never generated for training), with
+the phrasings seen in training and, separately, the held-out phrasings. Generation is batched with
+left padding and the KV cache; decoding is greedy so numbers are comparable between stages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stages import tasks
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation on the embedded tasks."""
+
+    enabled: bool = field(default=True, metadata={"help": "Evaluate after training (needs a model that follows the embedded tasks' template)."})
+    num_prompts: int = field(default=200, metadata={"help": "Held-out prompts per split (seen / unseen phrasings)."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Longest answer generated."})
+    batch_size: int = field(default=200, metadata={"help": "Prompts per generation batch; more is faster, uses more memory."})
+    seed: int = field(default=1234, metadata={"help": "Seed of the held-out prompt draw (any seed stays disjoint from training)."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "Task families to evaluate (default: all)."})
+    num_samples: int = field(default=8, metadata={"help": "Sample generations kept for the report and W&B table."})
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"eval.{name} must be positive")
+
+
+def heldout_rows(config: EvalConfig, template_set: tasks.TemplateSet = "train") -> list[dict[str, Any]]:
+    return tasks.generate(config.num_prompts, seed=config.seed, split="eval", families=config.tasks, template_set=template_set)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> list[str]:
+    """Answer chat prompts; returns decoded responses without special tokens."""
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    responses: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[start : start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
+            responses += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return responses
+
+
+def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out exact match overall, per task, and on unseen phrasings; plus a few samples."""
+    metrics: dict[str, float] = {}
+    samples: list[dict[str, Any]] = []
+    for template_set, key in (("train", "eval/exact_match"), ("heldout", "eval/exact_match_unseen_templates")):
+        rows = heldout_rows(config, template_set)
+        responses = generate(model, tokenizer, [row["prompt"] for row in rows], config.max_new_tokens, config.batch_size)
+        per_task: dict[str, list[bool]] = defaultdict(list)
+        for row, response in zip(rows, responses):
+            per_task[row["task"]].append(tasks.is_correct(response, row["answer"]))
+        scores = [score for task_scores in per_task.values() for score in task_scores]
+        metrics[key] = sum(scores) / len(scores)
+        if template_set == "train":
+            metrics |= {f"{key}/{task}": sum(s) / len(s) for task, s in sorted(per_task.items())}
+            samples = [
+                {"prompt": row["prompt"][-1]["content"], "response": response, "answer": row["answer"]}
+                for row, response in list(zip(rows, responses))[: config.num_samples]
+            ]
+    metrics["eval/num_prompts"] = float(config.num_prompts)
+    return metrics, samples

@@ -1,0 +1,144 @@
+"""Turn a registry entry into a tokenizer and a model, safely.
+
+Weights load from safetensors only (a pickle checkpoint is refused: unpickling runs code), and
+`trust_remote_code` stays off unless the config asks for it or the registry entry recorded it.
+Built-in base models are built from their config with a seeded random initialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from stages.registry import REPO_ROOT, Entry
+
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "training_args.bin")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer cannot be loaded; the message names it and says why."""
+
+
+def load_tokenizer(entry: Entry, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    source = _builtin_spec(entry)["tokenizer"] if entry.builtin else entry.path
+    source = str(REPO_ROOT / source) if entry.builtin else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code or entry.trust_remote_code)
+    except ValueError as error:
+        raise ModelLoadError(_explain(entry, error)) from None
+    except OSError as error:
+        raise ModelLoadError(f"cannot load the tokenizer of {entry.name!r} from {source}: {error}") from None
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without one; padding with EOS is standard and masked everywhere.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if entry.builtin:
+        spec = _builtin_spec(entry)
+        config = _builtin_config(spec)
+        with _seeded(spec.get("seed", 0)):
+            return AutoModelForCausalLM.from_config(config)
+    return _from_pretrained(AutoModelForCausalLM, entry, trust_remote_code, dtype)
+
+
+def load_sequence_classifier(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> Any:
+    """A scalar head (num_labels=1) on the entry's backbone: reward models and critics."""
+    from transformers import AutoModelForSequenceClassification
+
+    if entry.builtin:
+        spec = _builtin_spec(entry)
+        config = _builtin_config(spec, num_labels=1)
+        with _seeded(spec.get("seed", 0)):
+            return AutoModelForSequenceClassification.from_config(config)
+    return _from_pretrained(AutoModelForSequenceClassification, entry, trust_remote_code, dtype, num_labels=1)
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Hash of the vocabulary and special tokens: two tokenizers with equal hashes encode alike."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": sorted(map(str, tokenizer.all_special_tokens))}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def chat_template_hash(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return None
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_safetensors_only(path: str | Path, name: str) -> None:
+    """Refuse a local checkpoint that only has pickle weights."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+    pickles = [file for file in PICKLE_WEIGHT_FILES if (path / file).exists() and file != "training_args.bin"]
+    if pickles and not has_safetensors:
+        raise ModelLoadError(
+            f"{name} at {path} has only pickle weights ({', '.join(pickles)}); rlhf-stages loads safetensors only, "
+            "because unpickling can run arbitrary code. Convert it once you trust it: "
+            "`AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)`."
+        )
+
+
+def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dtype: torch.dtype | None, **kwargs: Any) -> Any:
+    check_safetensors_only(entry.path, entry.name)
+    if Path(entry.path).is_dir() and not (Path(entry.path) / "config.json").exists():
+        raise ModelLoadError(f"{entry.name} at {entry.path} is not a model directory (no config.json)")
+    try:
+        return auto_class.from_pretrained(
+            entry.path,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code or entry.trust_remote_code,
+            dtype=dtype,
+            **kwargs,
+        )
+    except ValueError as error:
+        raise ModelLoadError(_explain(entry, error)) from None
+    except OSError as error:
+        raise ModelLoadError(f"cannot load model {entry.name!r} from {entry.path}: {error}") from None
+
+
+def _explain(entry: Entry, error: Exception) -> str:
+    message = str(error)
+    if "trust_remote_code" in message:
+        return (
+            f"model {entry.name!r} needs custom code from its repository (trust_remote_code), which is off by default. "
+            "If you trust that code, set `trust_remote_code: true` in the stage config."
+        )
+    return f"cannot load {entry.name!r} from {entry.path}: {message}"
+
+
+def _builtin_spec(entry: Entry) -> dict[str, Any]:
+    return yaml.safe_load(Path(entry.path).read_text())
+
+
+def _builtin_config(spec: dict[str, Any], **overrides: Any) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**(spec["config"] | overrides))
+
+
+class _seeded:
+    """Seed the global RNG for a model's init, then restore it, so building a model doesn't shift data order."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.random.set_rng_state(self.state)

@@ -1,0 +1,235 @@
+"""The model registry every stage reads from and writes to.
+
+An entry is a model a stage can load: a built-in base model (a config in `configs/models/`), or a
+stage output registered by a run. Storage is one SQLite file under `RLHF_HOME`: every write is a
+transaction, so several processes can register at once without losing or corrupting anything.
+A stage registers its output as `incomplete` when it starts and flips it to `ready` only after the
+output directory is completely written; nothing else ever reads an incomplete entry as a model.
+
+References: `NAME` or `NAME:latest` (newest ready version), `NAME:VERSION`, `KIND:latest` (newest
+ready entry of kind sft/reward/policy when no entry is called that), a built-in base name such as
+`tiny-llama`, or a path to a model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import yaml
+
+from stages.secrets import scrub
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_MODELS_DIR = REPO_ROOT / "configs" / "models"
+KINDS = ("base", "sft", "reward", "policy")
+Kind = Literal["base", "sft", "reward", "policy"]
+Status = Literal["incomplete", "ready", "failed"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status TEXT NOT NULL,
+    parent TEXT,
+    record TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (name, version)
+)
+"""
+
+
+class RegistryError(LookupError):
+    """A reference that resolves to nothing loadable; the message says what was looked for."""
+
+
+@dataclass
+class Entry:
+    """One registered model."""
+
+    name: str
+    version: int
+    kind: str
+    path: str
+    status: str = "ready"
+    parent: str | None = None
+    stage: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    dataset_fingerprint: str | None = None
+    tokenizer_hash: str | None = None
+    chat_template_hash: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wandb_run: str | None = None
+    run: str | None = None
+    trust_remote_code: bool = False
+    created: float = 0.0
+    builtin: bool = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ref": self.ref}
+
+
+def rlhf_home() -> Path:
+    """Where runs and the registry live: `RLHF_HOME`, default `./runs`."""
+    return Path(os.environ.get("RLHF_HOME", "runs")).resolve()
+
+
+class Registry:
+    """File-based registry (SQLite) under `home`."""
+
+    def __init__(self, home: str | Path | None = None) -> None:
+        self.home = Path(home).resolve() if home is not None else rlhf_home()
+        self.path = self.home / "registry.sqlite"
+
+    # -- writing -----------------------------------------------------------------------------
+    def begin(self, name: str, kind: Kind, path: str | Path, **fields: Any) -> Entry:
+        """Allocate the next version of `name` and record it as incomplete."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        with self._transaction() as db:
+            row = db.execute("SELECT MAX(version) FROM entries WHERE name = ?", (name,)).fetchone()
+            version = (row[0] or 0) + 1
+            entry = Entry(name=name, version=version, kind=kind, path=str(path), status="incomplete", created=time.time(), **fields)
+            entry.config = scrub(entry.config)
+            db.execute(
+                "INSERT INTO entries (name, version, kind, path, status, parent, record, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, kind, entry.path, entry.status, entry.parent, _dump(entry), entry.created),
+            )
+        return entry
+
+    def update(self, ref: str, **fields: Any) -> Entry:
+        """Change fields of an existing entry (status, metrics, wandb_run, ...)."""
+        name, version = _split_ref(ref)
+        with self._transaction() as db:
+            row = db.execute("SELECT record FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()
+            if row is None:
+                raise RegistryError(f"no registry entry {ref}")
+            entry = _load(row[0])
+            for key, value in fields.items():
+                if not hasattr(entry, key):
+                    raise ValueError(f"unknown registry field {key!r}")
+                setattr(entry, key, scrub(value) if key in ("config", "metrics") else value)
+            db.execute(
+                "UPDATE entries SET status = ?, path = ?, record = ? WHERE name = ? AND version = ?",
+                (entry.status, entry.path, _dump(entry), name, version),
+            )
+        return entry
+
+    def mark_ready(self, ref: str, **fields: Any) -> Entry:
+        return self.update(ref, status="ready", **fields)
+
+    def remove_incomplete(self, delete_files: bool = False) -> list[Entry]:
+        """`rlhf registry gc`: drop entries that never became ready (and optionally their files)."""
+        removed = [entry for entry in self.list() if entry.status != "ready" and not entry.builtin]
+        with self._transaction() as db:
+            for entry in removed:
+                db.execute("DELETE FROM entries WHERE name = ? AND version = ?", (entry.name, entry.version))
+        if delete_files:
+            for entry in removed:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return removed
+
+    # -- reading -----------------------------------------------------------------------------
+    def list(self, include_builtin: bool = True) -> list[Entry]:
+        entries = builtin_entries() if include_builtin else []
+        if self.path.exists():
+            with self._connect() as db:
+                rows = db.execute("SELECT record FROM entries ORDER BY created, name, version").fetchall()
+            entries += [_load(row[0]) for row in rows]
+        return entries
+
+    def get(self, ref: str) -> Entry:
+        """Resolve a reference to an entry (built-in, registered, or a path wrapped as an entry)."""
+        name, _, version = ref.partition(":")
+        builtins = {entry.name: entry for entry in builtin_entries()}
+        if name in builtins and version in ("", "latest", "0"):
+            return builtins[name]
+        candidates = [entry for entry in self.list(include_builtin=False) if entry.name == name]
+        if version and version != "latest":
+            if not version.isdigit():
+                raise RegistryError(f"bad reference {ref!r}: the version must be a number or 'latest'")
+            matches = [entry for entry in candidates if entry.version == int(version)]
+            if not matches:
+                raise RegistryError(self._not_found(ref))
+            return matches[0]
+        ready = [entry for entry in candidates if entry.status == "ready"]
+        if not ready and not candidates and name in KINDS:
+            ready = [entry for entry in self.list(include_builtin=False) if entry.kind == name and entry.status == "ready"]
+        if ready:
+            return max(ready, key=lambda entry: (entry.created, entry.version))
+        if candidates:
+            raise RegistryError(f"{ref}: no version of {name!r} is ready (incomplete: {', '.join(e.ref for e in candidates)})")
+        path = Path(ref).expanduser()
+        if path.exists():
+            if not (path / "config.json").is_file():
+                raise RegistryError(f"{path} is not a model directory (no config.json)")
+            return Entry(name=str(path), version=0, kind="base", path=str(path.resolve()))
+        if "/" in ref and not ref.startswith((".", "/")) and ":" not in ref:
+            # Looks like a Hub id (org/name): loaded by transformers, offline caches included.
+            return Entry(name=ref, version=0, kind="base", path=ref)
+        raise RegistryError(self._not_found(ref))
+
+    def _not_found(self, ref: str) -> str:
+        known = sorted({entry.name for entry in self.list()})
+        return f"model reference {ref!r} is not in the registry at {self.path} and is not a path (known: {', '.join(known) or 'none'})"
+
+    # -- storage -----------------------------------------------------------------------------
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        # A long timeout: concurrent writers wait for each other instead of failing.
+        db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # take the write lock before reading MAX(version)
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+
+def builtin_entries() -> list[Entry]:
+    """The config-only base models shipped in `configs/models/`."""
+    entries = []
+    for path in sorted(BUILTIN_MODELS_DIR.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        entries.append(Entry(name=spec["name"], version=0, kind="base", path=str(path), builtin=True, stage="builtin"))
+    return entries
+
+
+def _split_ref(ref: str) -> tuple[str, int]:
+    name, _, version = ref.rpartition(":")
+    if not name or not version.isdigit():
+        raise RegistryError(f"expected NAME:VERSION, got {ref!r}")
+    return name, int(version)
+
+
+def _dump(entry: Entry) -> str:
+    return json.dumps(asdict(entry), sort_keys=True, default=str)
+
+
+def _load(record: str) -> Entry:
+    return Entry(**json.loads(record))

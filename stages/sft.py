@@ -1,0 +1,191 @@
+"""Stage 1: instruction SFT on trl.SFTTrainer.
+
+What it implements: supervised fine-tuning on prompt/completion pairs with the loss on completion
+tokens only (TRL's completion mask), the model's chat template applied identically in training and
+in generation, optional LoRA (merged on save by default), optional packing, and DeepSpeed ZeRO-2/3
+from `deepspeed_configs/`. Departures: multi-turn conversations train on their final assistant turn
+only (see stages/data.py); examples longer than `train.max_length` are dropped, not truncated, since
+a truncated answer teaches the model to stop mid-answer (the count is printed).
+
+Run:
+    rlhf sft --config configs/sft/tiny.yaml [key=value ...]
+    python -m stages.sft --config configs/sft/tiny.yaml
+    deepspeed --num_gpus 2 --module stages.sft --config configs/sft/tiny.yaml deepspeed=deepspeed_configs/zero3.json
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from stages import common, data, distributed, evaluation, models
+from stages.config import ConfigError, load_config, validate_section
+from stages.registry import Registry
+
+# Fields of trl.SFTConfig that the stage sets itself from the top-level config.
+OWNED_TRAIN_KEYS = ("output_dir", "run_name", "seed", "deepspeed", "report_to", "resume_from_checkpoint")
+
+
+@dataclass
+class SFTStageConfig(common.StageConfig):
+    """Config of the SFT stage (configs/sft/*.yaml)."""
+
+    datasets: list[data.DatasetSpec] = field(
+        default_factory=lambda: [data.DatasetSpec()], metadata={"help": "Training datasets (see stages/data.py for formats)."}
+    )
+    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.SFTConfig arguments (checked against its fields)."})
+
+    def __post_init__(self) -> None:
+        from trl import SFTConfig
+
+        for key in OWNED_TRAIN_KEYS:
+            if key in self.train:
+                raise ConfigError(f"train.{key} is set by the stage; use the top-level key instead")
+        self.train = validate_section(SFTConfig, self.train, "sft config", "train.")
+        if not self.datasets:
+            raise ConfigError("datasets must list at least one dataset")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config = load_config(SFTStageConfig, sys.argv[1:] if argv is None else argv)
+    return run(config)
+
+
+def run(config: SFTStageConfig) -> dict[str, Any]:
+    # -- setup ---------------------------------------------------------------------------------
+    stage = common.start(config, stage="sft", kind="sft")
+    if stage.already_done:
+        return stage.entry.metrics if stage.entry else {}
+    deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
+
+    # -- model and tokenizer -------------------------------------------------------------------
+    base = Registry().get(config.model)
+    tokenizer = models.load_tokenizer(base, config.trust_remote_code)
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model {config.model!r} has no chat template; SFT on chat data needs one (set it in the tokenizer)")
+    model = models.load_causal_lm(base, config.trust_remote_code)
+
+    # -- data ----------------------------------------------------------------------------------
+    rows = [row for spec in config.datasets for row in data.load_sft_rows(spec, config.seed)]
+    max_length = config.train.get("max_length", 1024)
+    rows = _drop_too_long(rows, tokenizer, max_length)
+    train_dataset = _to_dataset(rows)
+    dataset_fingerprint = data.fingerprint(rows)
+
+    # -- trainer -------------------------------------------------------------------------------
+    from trl import SFTConfig, SFTTrainer
+
+    common.open_tracking(stage, config)
+    args = SFTConfig(
+        output_dir=str(stage.output_dir),
+        run_name=stage.run_name,
+        seed=config.seed,
+        deepspeed=deepspeed_config,
+        report_to=["wandb"] if config.tracking.report_to == "wandb" else [],  # reuses the run opened above
+        **config.train,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
+    )
+    common.register_start(
+        stage,
+        config,
+        parent=base,
+        dataset_fingerprint=dataset_fingerprint,
+        tokenizer_hash=models.tokenizer_hash(tokenizer),
+        chat_template_hash=models.chat_template_hash(tokenizer),
+    )
+
+    # -- train ---------------------------------------------------------------------------------
+    result = trainer.train(resume_from_checkpoint=_last_checkpoint(stage.output_dir) if config.resume else None)
+
+    # -- save ----------------------------------------------------------------------------------
+    trainer.save_model(str(stage.output_dir))
+    distributed.barrier()
+    if distributed.is_main_process() and config.lora.enabled and config.lora.merge_on_save:
+        _merge_adapters(base, stage.output_dir, config.trust_remote_code)
+    distributed.barrier()
+    if not distributed.is_main_process():
+        return {}
+
+    # -- evaluate (on the saved model: what the next stage will load) ----------------------------
+    saved = Registry().get(str(stage.output_dir))
+    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/examples": len(rows)}
+    samples: list[dict[str, Any]] = []
+    if config.eval.enabled:
+        eval_metrics, samples = evaluation.exact_match(
+            models.load_causal_lm(saved) if not (config.lora.enabled and not config.lora.merge_on_save) else trainer.model,
+            models.load_tokenizer(saved),
+            config.eval,
+        )
+        metrics |= eval_metrics
+
+    # -- register ------------------------------------------------------------------------------
+    common.remove_checkpoints(stage.output_dir)
+    common.finish(
+        stage,
+        metrics,
+        samples,
+        card={
+            "base": base.ref if not base.builtin else base.name,
+            "data": ", ".join(spec.source for spec in config.datasets) + f" ({len(rows)} examples, fingerprint {dataset_fingerprint})",
+            "config": {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length")},
+            "steps": trainer.state.global_step,
+        },
+    )
+    return metrics
+
+
+def _drop_too_long(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None) -> list[dict[str, Any]]:
+    if max_length is None:
+        return rows
+    kept = []
+    for row in rows:
+        if "text" in row:
+            length = len(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+        else:
+            text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length <= max_length:
+            kept.append(row)
+    dropped = len(rows) - len(kept)
+    if not kept:
+        raise data.DataError(f"all {len(rows)} examples are longer than train.max_length={max_length} tokens; raise max_length")
+    if dropped:
+        print(f"sft: dropped {dropped} of {len(rows)} examples longer than train.max_length={max_length} tokens")
+    return kept
+
+
+def _to_dataset(rows: list[dict[str, Any]]) -> Any:
+    from datasets import Dataset
+
+    has_text = {"text" in row for row in rows}
+    if len(has_text) > 1:
+        raise data.DataError("datasets mix plain `text` rows with conversations; train them in separate runs")
+    columns = ["text"] if has_text == {True} else ["prompt", "completion"]
+    return Dataset.from_list([{column: row[column] for column in columns} for row in rows])
+
+
+def _last_checkpoint(output_dir: Any) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
+
+
+def _merge_adapters(base: Any, output_dir: Any, trust_remote_code: bool) -> None:
+    """Fold LoRA adapters into the base weights so the output loads without peft."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(models.load_causal_lm(base, trust_remote_code), str(output_dir)).merge_and_unload()
+    merged.save_pretrained(str(output_dir), safe_serialization=True)
+    for adapter_file in ("adapter_model.safetensors", "adapter_config.json"):
+        (output_dir / adapter_file).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -146,19 +146,17 @@ def _key_metric(metrics: dict[str, Any]) -> str:
 
 def _guarded(action: Any) -> int:
     """Known user errors print one clear line instead of a traceback."""
-    from stages.config import ConfigError
+    from stages.common import USER_ERRORS
 
     try:
         result = action()
-    except (ConfigError, LookupError, FileNotFoundError, ValueError, RuntimeError) as error:
-        if type(error).__name__ in _USER_ERRORS or isinstance(error, ConfigError):
-            print(f"rlhf: error: {error}", file=sys.stderr)
-            return 2
-        raise
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is a known user error
+        if not any(kind.__name__ in USER_ERRORS for kind in type(error).__mro__):
+            raise
+        print(f"rlhf: error: {error}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
-
-_USER_ERRORS = {"ConfigError", "RegistryError", "DataError", "ModelLoadError", "OutputDirError", "DeepSpeedConfigError"}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,8 @@ from stages.registry import Entry, Registry, rlhf_home
 from stages.secrets import scrub
 
 MANIFEST = "stage_config.json"
+# Errors that are the user's to fix: printed as one line, no traceback.
+USER_ERRORS = ("ConfigError", "RegistryError", "DataError", "ModelLoadError", "OutputDirError", "DeepSpeedConfigError")
 
 
 @dataclass
@@ -70,6 +72,34 @@ class StageConfig:
 
 class OutputDirError(RuntimeError):
     """The output directory holds another run; refusing to overwrite it."""
+
+
+def parse_args(config_class: type, argv: list[str] | None) -> tuple[Any, bool]:
+    """Parse a stage's command line; `--check` validates the config (and its DeepSpeed file) and stops."""
+    import sys
+
+    from stages.config import load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_only = "--check" in argv
+    config = load_config(config_class, [argument for argument in argv if argument != "--check"])
+    if check_only:
+        distributed.resolve_deepspeed_config(config.deepspeed)
+        print(f"{config_class.__name__}: ok")
+    return config, check_only
+
+
+def run_main(main: Any) -> None:
+    """`python -m stages.X` entry: user errors exit 2 with one clear line."""
+    import sys
+
+    try:
+        main()
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is a known user error
+        if not any(kind.__name__ in USER_ERRORS for kind in type(error).__mro__):
+            raise
+        print(f"rlhf: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 @dataclass
@@ -223,3 +253,23 @@ def remove_checkpoints(output_dir: Path) -> None:
     """Drop intermediate checkpoints once the final model is saved and registered."""
     for checkpoint in output_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest `checkpoint-N` in output_dir, for resume=true (None: start from scratch)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
+
+
+def merge_adapters(base: Entry, output_dir: Path, trust_remote_code: bool, sequence_classifier: bool = False) -> None:
+    """Fold saved LoRA adapters into the base weights so the output loads without peft."""
+    from peft import PeftModel
+
+    from stages import models
+
+    load = models.load_sequence_classifier if sequence_classifier else models.load_causal_lm
+    merged = PeftModel.from_pretrained(load(base, trust_remote_code), str(output_dir)).merge_and_unload()
+    merged.save_pretrained(str(output_dir), safe_serialization=True)
+    for adapter_file in ("adapter_model.safetensors", "adapter_config.json"):
+        (output_dir / adapter_file).unlink(missing_ok=True)

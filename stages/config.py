@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import enum
 import json
-import sys
 import types
 import typing
 from pathlib import Path
@@ -169,6 +168,8 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         options = get_args(annotation)
         if value is None and type(None) in options:
             return None
+        if type(value) in options:  # exact type first: 10 stays an int in `int | float`
+            return value
         errors = []
         for option in options:
             if option is type(None):
@@ -198,7 +199,8 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         return build(annotation, value if value is not None else {}, source, prefix=key + ".")
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         try:
-            return annotation(value)
+            annotation(value)
+            return value  # validated; kept as written so saved configs stay plain YAML/JSON
         except ValueError:
             choices = ", ".join(repr(member.value) for member in annotation)
             raise ConfigError(f"{source}: {key}={value!r} is not one of {choices}") from None
@@ -238,8 +240,3 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
 
 def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
-
-
-def main_argv() -> list[str]:
-    """Arguments after the program name (split out so stages are testable)."""
-    return sys.argv[1:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -95,4 +95,67 @@ def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[st
                 for row, response in list(zip(rows, responses))[: config.num_samples]
             ]
     metrics["eval/num_prompts"] = float(config.num_prompts)
+    return metrics, samples
+
+
+@torch.no_grad()
+def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int, seed: int) -> tuple[float, float]:
+    """Sampled estimate of KL(policy || reference) per response, and the mean response length.
+
+    One response per prompt at temperature 1; KL = mean over prompts of Σ_t [log π(y_t) − log π_ref(y_t)]
+    (the k1 estimator, unbiased for the sequence-level KL).
+    """
+    from stages.ppo_math import response_mask_from_eos, token_logprobs
+
+    policy.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    kls, lengths = [], []
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[start : start + batch_size]]
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
+                sequences = policy.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )
+                prompt_length = batch["input_ids"].shape[1]
+                response_ids = sequences[:, prompt_length:]  # (batch, response_len)
+                response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
+                attention_mask = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                logprobs = []
+                for model in (policy, reference):
+                    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+                    logprobs.append(token_logprobs(logits[:, prompt_length - 1 : -1], response_ids))
+                kls.append(((logprobs[0] - logprobs[1]) * response_mask).sum(-1))
+                lengths.append(response_mask.sum(-1).float())
+    finally:
+        tokenizer.padding_side = padding_side
+    return torch.cat(kls).mean().item(), torch.cat(lengths).mean().item()
+
+
+def policy_metrics(
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    config: EvalConfig,
+    reward_fn: Callable[[list[list[dict[str, str]]], list[str]], torch.Tensor] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The evaluation every policy algorithm reports: exact match, reward under `reward_fn` (the
+    stage-2 reward model), KL to the reference, response length."""
+    metrics, samples = exact_match(policy, tokenizer, config)
+    rows = heldout_rows(config)
+    prompts = [row["prompt"] for row in rows]
+    if reward_fn is not None:
+        responses = generate(policy, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+        rewards = reward_fn(prompts, responses)
+        metrics["eval/reward_mean"] = rewards.mean().item()
+        for sample, reward in zip(samples, rewards.tolist()):
+            sample["reward"] = reward
+    kl, length = kl_to_reference(policy, reference, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.seed)
+    metrics["eval/kl_to_ref"] = kl
+    metrics["eval/response_length"] = length
     return metrics, samples

@@ -333,9 +333,10 @@ class RunningMoments:
         batch_var = values.var(unbiased=False).item()
         total = self.count + batch_count
         delta = batch_mean - self.mean
-        combined_sum_of_squares = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        # Sum of squared deviations of the union = both parts' own + the spread between their means.
+        sum_of_squares = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
         self.mean += delta * batch_count / total
-        self.var = combined_sum_of_squares / total
+        self.var = sum_of_squares / total
         self.count = total
 
     @property

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages import common, data, distributed, evaluation, models
-from stages.config import ConfigError, load_config, validate_section
+from stages.config import ConfigError, validate_section
 from stages.registry import Registry
 
 # Fields of trl.SFTConfig that the stage sets itself from the top-level config.
@@ -48,8 +48,8 @@ class SFTStageConfig(common.StageConfig):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = load_config(SFTStageConfig, sys.argv[1:] if argv is None else argv)
-    return run(config)
+    config, check_only = common.parse_args(SFTStageConfig, argv)
+    return {} if check_only else run(config)
 
 
 def run(config: SFTStageConfig) -> dict[str, Any]:
@@ -102,13 +102,13 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     )
 
     # -- train ---------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(stage.output_dir) if config.resume else None)
+    result = trainer.train(resume_from_checkpoint=common.last_checkpoint(stage.output_dir) if config.resume else None)
 
     # -- save ----------------------------------------------------------------------------------
     trainer.save_model(str(stage.output_dir))
     distributed.barrier()
     if distributed.is_main_process() and config.lora.enabled and config.lora.merge_on_save:
-        _merge_adapters(base, stage.output_dir, config.trust_remote_code)
+        common.merge_adapters(base, stage.output_dir, config.trust_remote_code)
     distributed.barrier()
     if not distributed.is_main_process():
         return {}
@@ -171,21 +171,5 @@ def _to_dataset(rows: list[dict[str, Any]]) -> Any:
     return Dataset.from_list([{column: row[column] for column in columns} for row in rows])
 
 
-def _last_checkpoint(output_dir: Any) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
-
-
-def _merge_adapters(base: Any, output_dir: Any, trust_remote_code: bool) -> None:
-    """Fold LoRA adapters into the base weights so the output loads without peft."""
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(models.load_causal_lm(base, trust_remote_code), str(output_dir)).merge_and_unload()
-    merged.save_pretrained(str(output_dir), safe_serialization=True)
-    for adapter_file in ("adapter_model.safetensors", "adapter_config.json"):
-        (output_dir / adapter_file).unlink(missing_ok=True)
-
-
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -6,6 +6,7 @@ Marked slow (two processes, ~1 minute per ZeRO stage on 2 cores): `python -m pyt
 
 import os
 import shutil
+import socket
 import subprocess
 import textwrap
 from pathlib import Path
@@ -80,7 +81,10 @@ def test_two_ranks_train_and_save_a_loadable_actor(zero_config, gather, tmp_path
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",  # two ranks on two cores: more threads only contend
     }
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(driver), str(ROOT), str(ROOT / "deepspeed_configs" / zero_config), str(output_dir), gather]
+    with socket.socket() as probe:  # a free port, so concurrent launches do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(driver), str(ROOT), str(ROOT / "deepspeed_configs" / zero_config), str(output_dir), gather]
     result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     assert "rank 0: done" in result.stdout and "rank 1: done" in result.stdout

@@ -11,10 +11,15 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from stages.ppo import PPOConfig, PPOTrainer, check_same_tokenizer
+from reward.scoring import check_same_tokenizer
+from stages.ppo import PPOConfig, PPOTrainer, _resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIG = yaml.safe_load((ROOT / "configs/models/tiny-llama.yaml").read_text())["config"]
+# Llama's rotary positions are relative, so a wrong position offset on left-padded rows cancels out; GPT-2's
+# learned absolute positions do not forgive it. The rollout test runs on both.
+GPT2_CONFIG = dict(model_type="gpt2", vocab_size=261, n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                   pad_token_id=0, eos_token_id=1, bos_token_id=1)
 METRIC_KEYS = {
     "ppo/reward_raw", "ppo/reward_normalised", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clip_fraction",
     "ppo/approx_kl", "ppo/policy_loss", "ppo/value_loss", "ppo/value_clip_fraction", "ppo/explained_variance",
@@ -40,14 +45,14 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(ROOT / "assets/tiny_tokenizer")
 
 
-def causal_lm(seed: int):
+def causal_lm(seed: int, model_config: dict = MODEL_CONFIG):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**MODEL_CONFIG))
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config))
 
 
-def sequence_classifier(seed: int):
+def sequence_classifier(seed: int, model_config: dict = MODEL_CONFIG):
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**MODEL_CONFIG, num_labels=1))
+    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**model_config, num_labels=1))
 
 
 def lowercase_fraction(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -56,15 +61,16 @@ def lowercase_fraction(prompts: list[str], responses: list[str]) -> torch.Tensor
     return torch.tensor([sum("a" <= c <= "z" for c in text) / max(len(text), 1) for text in responses])
 
 
-def make_trainer(tokenizer, output_dir, *, reward_model=True, reward_fn=None, actor=None, reference="copy", log_hook=None, **overrides):
+def make_trainer(tokenizer, output_dir, *, reward_model=True, reward_fn=None, actor=None, reference="copy", log_hook=None,
+                 model_config=MODEL_CONFIG, **overrides):
     settings = dict(num_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=6, actor_learning_rate=1e-3,
                     critic_learning_rate=1e-3, save_steps=None, sample_table_every=None)
     settings.update(overrides)
-    actor = actor if actor is not None else causal_lm(0)
+    actor = actor if actor is not None else causal_lm(0, model_config)
     if reference == "copy":
         reference = copy.deepcopy(actor)
     return PPOTrainer(
-        actor, reference, sequence_classifier(1) if reward_model else None, sequence_classifier(2), tokenizer,
+        actor, reference, sequence_classifier(1, model_config) if reward_model else None, sequence_classifier(2, model_config), tokenizer,
         PROMPTS, PPOConfig(**settings), output_dir, reward_fn=reward_fn, log_hook=log_hook,
     )
 
@@ -74,13 +80,15 @@ def parameters(model) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- rollout
-def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path):
+@pytest.mark.parametrize("model_config", [MODEL_CONFIG, GPT2_CONFIG], ids=["llama", "gpt2"])
+def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path, model_config):
     """Responses are forced to end at known places (eos at position 2, at position 0, none, at the last
     position; tokens after eos are junk that must be dropped). Every per-token quantity is 0 off the
     response, and each row's log-probs, values and score equal a forward of that row alone, without any
     padding, through the models' own Hugging Face heads: so left padding and position ids are right."""
     eos, pad, junk = tokenizer.eos_token_id, tokenizer.pad_token_id, 69  # 69 = "a"
-    trainer = make_trainer(tokenizer, tmp_path, batch_size=4, mini_batch_size=2, max_new_tokens=5, temperature=0.7, kl_coef=0.1)
+    trainer = make_trainer(tokenizer, tmp_path, batch_size=4, mini_batch_size=2, max_new_tokens=5, temperature=0.7, kl_coef=0.1,
+                           model_config=model_config)
     forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, 41, 42, 43, 44], [40, 41, 42, 43, eos]])
 
     def fake_generate(input_ids, attention_mask, **kwargs):
@@ -114,6 +122,21 @@ def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path
         # The reference is an untrained copy: identical log-probs, zero KL, and the score on the last token.
         torch.testing.assert_close(rollout.ref_logprobs[row], rollout.logprobs[row])
         torch.testing.assert_close(rollout.rewards[row, length - 1], rollout.raw_scores[row], atol=1e-6, rtol=0)
+
+
+def test_scores_normalised_clipped_and_penalised_without_eos(tokenizer, tmp_path):
+    """reward_fn gives [1, 2, 3, 4]. Batch normalisation: mean 2.5, population std sqrt(1.25) = 1.118034, so
+    [-1.341641, -0.447214, 0.447214, 1.341641]; clipped to +-1: [-1, -0.447214, 0.447214, 1]; row 2 has no eos
+    and loses missing_eos_penalty 0.5: [-1, -0.447214, -0.052786, 1]."""
+    eos = tokenizer.eos_token_id
+    trainer = make_trainer(tokenizer, tmp_path, reward_model=False, reward_fn=lambda prompts, responses: torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                           batch_size=4, mini_batch_size=2, max_new_tokens=3, reward_normalisation="batch", reward_clip=1.0,
+                           missing_eos_penalty=0.5)
+    forced = torch.tensor([[40, eos, 0], [eos, 0, 0], [40, 41, 42], [40, 41, eos]])
+    trainer.actor.generate = lambda input_ids, attention_mask, **kwargs: torch.cat([input_ids, forced], dim=1)
+    rollout = trainer.rollout([0, 1, 2, 3])
+    torch.testing.assert_close(rollout.raw_scores, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    torch.testing.assert_close(rollout.scores, torch.tensor([-1.0, -0.447214, -0.052786, 1.0]), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -257,9 +280,32 @@ def test_config_errors_name_the_field(overrides, field_name):
         PPOConfig(**overrides)
 
 
+def test_trainer_refuses_missing_reference_or_reward(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="reference=None needs a peft actor"):
+        make_trainer(tokenizer, tmp_path, reference=None)
+    with pytest.raises(ValueError, match="reward_model, a reward_fn, or both"):
+        make_trainer(tokenizer, tmp_path, reward_model=False)
+
+
 def test_check_same_tokenizer_names_the_difference(tokenizer):
-    check_same_tokenizer(tokenizer, copy.deepcopy(tokenizer), ("policy", "reward model"))
+    check_same_tokenizer(tokenizer, copy.deepcopy(tokenizer), "policy", "reward model")
     other = copy.deepcopy(tokenizer)
     other.chat_template = "{{ messages }}"
     with pytest.raises(ValueError, match="policy and reward model differ in: chat template"):
-        check_same_tokenizer(tokenizer, other, ("policy", "reward model"))
+        check_same_tokenizer(tokenizer, other, "policy", "reward model")
+
+
+def test_deepspeed_auto_values_come_from_the_ppo_config():
+    """zero3.json's "auto" values: micro-batch = mini_batch_size, no accumulation, global batch = micro x 2
+    processes, clipping = max_grad_norm, precision from bf16, bucket sizes from hidden_size 128."""
+    config = PPOConfig(mini_batch_size=8, batch_size=32, max_grad_norm=0.5)
+    resolved = _resolve_deepspeed_config(ROOT / "deepspeed_configs/zero3.json", config, 2, AutoConfig.for_model(**MODEL_CONFIG))
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"], resolved["train_batch_size"]) == (8, 1, 16)
+    assert resolved["gradient_clipping"] == 0.5 and resolved["bf16"]["enabled"] is False
+    assert resolved["zero_optimization"]["reduce_bucket_size"] == 128 * 128
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        _resolve_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, config, 2, None)
+    with pytest.raises(ValueError, match="optimizer"):
+        _resolve_deepspeed_config({"optimizer": {"type": "AdamW"}}, config, 2, None)
+    with pytest.raises(ValueError, match="zero_optimization.sub_group_size"):
+        _resolve_deepspeed_config({"zero_optimization": {"sub_group_size": "auto"}}, config, 2, None)

@@ -1,0 +1,62 @@
+"""Embedded preference pairs: the correct answer over a plausible wrong one.
+
+Negatives come from two places: the SFT model's own sampled answers when they are wrong (the
+mistakes a reward model must judge during PPO), and, where the model happened to be right,
+task-aware corruptions (off-by-one sums, unreversed words, one swapped letter).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from stages import tasks
+
+
+def corrupt(answer: str, task: str, rng: random.Random) -> str:
+    """A plausible wrong answer for `task`; never equal to `answer`."""
+    for _ in range(20):
+        choice = rng.random()
+        if task == "add" and choice < 0.7:
+            candidate = str(max(0, int(answer) + rng.choice([-10, -2, -1, 1, 2, 10])))
+        elif len(answer) >= 2 and choice < 0.85:
+            index = rng.randrange(len(answer) - 1)  # swap two neighbours
+            candidate = answer[:index] + answer[index + 1] + answer[index] + answer[index + 2 :]
+        elif len(answer) >= 2:
+            index = rng.randrange(len(answer))  # drop one character
+            candidate = answer[:index] + answer[index + 1 :]
+        else:
+            candidate = answer + rng.choice("0123456789")
+        if task == "upper" and choice > 0.9:
+            candidate = answer.lower()
+        if candidate.strip() != answer.strip() and candidate.strip():
+            return candidate
+    return answer + "x"
+
+
+def embedded_pairs(
+    num_pairs: int,
+    seed: int,
+    split: tasks.Split = "train",
+    sampled_responses: list[str] | None = None,
+    rows: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Pairs for task prompts; `sampled_responses[i]` (the policy's answer to `rows[i]`) is used as
+    the rejected side whenever it is wrong."""
+    rows = rows if rows is not None else tasks.generate(num_pairs, seed=seed, split=split)
+    rng = random.Random(f"pairs-{seed}-{split}")
+    pairs = []
+    for index, row in enumerate(rows):
+        sampled = sampled_responses[index] if sampled_responses is not None else None
+        on_policy = sampled is not None and sampled.strip() and not tasks.is_correct(sampled, row["answer"])
+        rejected = sampled if on_policy else corrupt(row["answer"], row["task"], rng)
+        pairs.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": [{"role": "assistant", "content": row["answer"]}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "task": row["task"],
+                "on_policy": bool(on_policy),
+            }
+        )
+    return pairs

@@ -1,0 +1,259 @@
+"""Run a recipe: its stages in order, each as its own process tree under the deepspeed launcher.
+
+Each stage's output is registered as `<run>/<stage>` and the next stage's model references point at
+it, so no paths are written by hand. The runner imports no stage module: it validates each stage's
+config by running the stage with `--check`, then launches it, then reads the registry for results.
+With `resume=true`, stages already registered ready are skipped and an interrupted stage continues
+from its last checkpoint.
+
+    rlhf run configs/recipes/tiny.yaml [policy.algorithm=ppo] [key=value ...] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from stages.config import ConfigError, build, read_yaml, set_dotted
+from stages.registry import Registry, RegistryError, rlhf_home
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGE_ORDER = ("sft", "reward", "policy")
+STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy"}
+SUMMARY_METRICS = ("eval/exact_match", "eval/pairwise_accuracy", "eval/reward_mean", "eval/kl_to_ref")
+
+
+@dataclass
+class StageEntry:
+    """One stage of a recipe."""
+
+    config: str = field(metadata={"help": "The stage's YAML config."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config for this stage (default: the recipe's); 'none' = no DeepSpeed."})
+    num_processes: int | None = field(default=None, metadata={"help": "Processes for this stage (default: the recipe's)."})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "key: value overrides of the stage config."})
+
+
+@dataclass
+class RecipeConfig:
+    """A whole pipeline (configs/recipes/*.yaml). Keys under sft/reward/policy that are not StageEntry
+    fields are overrides of that stage's config, so `policy.algorithm=ppo` works on the command line."""
+
+    sft: StageEntry
+    reward: StageEntry
+    policy: StageEntry
+    run_name: str | None = field(default=None, metadata={"help": "Run name (default: recipe name + timestamp)."})
+    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER), metadata={"help": "Stages to run, in order."})
+    num_processes: int = field(default=2, metadata={"help": "Processes (GPUs, or CPU ranks) per node."})
+    deepspeed: str | None = field(default="deepspeed_configs/zero2.json", metadata={"help": "DeepSpeed config for every stage."})
+    hostfile: str | None = field(default=None, metadata={"help": "Multi-node: DeepSpeed hostfile passed to the launcher."})
+    launcher_args: list[str] = field(default_factory=list, metadata={"help": "Extra deepspeed launcher arguments."})
+    resume: bool = field(default=False, metadata={"help": "Skip stages registered ready; continue an interrupted one."})
+    report_to: str = field(default="wandb", metadata={"help": "'wandb' or 'none' for every stage."})
+
+    def __post_init__(self) -> None:
+        unknown = [stage for stage in self.stages if stage not in STAGE_ORDER]
+        if unknown:
+            raise ConfigError(f"unknown stage {unknown[0]!r} in stages (valid: {', '.join(STAGE_ORDER)})")
+        if self.num_processes < 1:
+            raise ConfigError("num_processes must be at least 1")
+
+
+def load_recipe(path: str, overrides: list[str]) -> tuple[RecipeConfig, str]:
+    values = read_yaml(path)
+    for override in overrides:
+        key, separator, raw = override.partition("=")
+        if not separator:
+            raise ConfigError(f"unexpected argument {override!r}: expected key=value")
+        import yaml
+
+        set_dotted(values, key, yaml.safe_load(raw) if raw.strip() else None)
+    entry_fields = {f.name for f in fields(StageEntry)}
+    for stage in STAGE_ORDER:
+        section = values.get(stage)
+        if isinstance(section, dict):
+            extra = {key: section.pop(key) for key in list(section) if key not in entry_fields}
+            section.setdefault("overrides", {}).update(extra)
+    recipe = build(RecipeConfig, values, source=path)
+    run_name = recipe.run_name or f"{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return recipe, run_name
+
+
+def stage_arguments(recipe: RecipeConfig, run_name: str, stage: str) -> list[str]:
+    """The stage's command-line arguments: its config, the recipe's wiring, then the user's overrides."""
+    entry: StageEntry = getattr(recipe, stage)
+    home = rlhf_home()
+    wiring: dict[str, Any] = {
+        "run_name": run_name,
+        "output_dir": str(home / run_name / stage),
+        "register_as": f"{run_name}/{stage}",
+        "resume": recipe.resume,
+        "tracking.group": run_name,
+        "tracking.report_to": recipe.report_to,
+        "deepspeed": _deepspeed_for(recipe, entry),
+    }
+    if stage in ("reward", "policy") and "sft" in recipe.stages:
+        wiring["model"] = f"{run_name}/sft"
+    if stage == "policy" and "reward" in recipe.stages:
+        wiring["reward_model"] = f"{run_name}/reward"
+    arguments = ["--config", entry.config]
+    for key, value in {**wiring, **_flatten(entry.overrides)}.items():
+        arguments.append(f"{key}={_yaml_value(value)}")
+    return arguments
+
+
+def launch_command(recipe: RecipeConfig, stage: str, arguments: list[str]) -> list[str]:
+    entry: StageEntry = getattr(recipe, stage)
+    processes = entry.num_processes or recipe.num_processes
+    if _deepspeed_for(recipe, entry) is None and processes == 1 and recipe.hostfile is None:
+        return [sys.executable, "-m", STAGE_MODULES[stage], *arguments]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if recipe.hostfile:
+        launcher += ["--hostfile", recipe.hostfile]
+    launcher += ["--num_gpus", str(processes), "--master_port", str(_free_port()), *recipe.launcher_args]
+    return [*launcher, "--module", STAGE_MODULES[stage], *arguments]
+
+
+def main(argv: list[str]) -> int:
+    dry_run = "--dry-run" in argv
+    argv = [argument for argument in argv if argument != "--dry-run"]
+    if not argv or "=" in argv[0]:
+        raise ConfigError("usage: rlhf run RECIPE.yaml [key=value ...] [--dry-run]")
+    recipe, run_name = load_recipe(argv[0], argv[1:])
+    plan = {stage: stage_arguments(recipe, run_name, stage) for stage in recipe.stages}
+    for stage, arguments in plan.items():  # every config is checked before any compute is spent
+        _check_stage(stage, arguments)
+    if dry_run:
+        for stage, arguments in plan.items():
+            print(shlex.join(launch_command(recipe, stage, arguments)))
+        return 0
+
+    registry, results = Registry(), []
+    summary_path = rlhf_home() / run_name / "summary.json"
+    for stage, arguments in plan.items():
+        name = f"{run_name}/{stage}"
+        done = _ready_entry(registry, name) if recipe.resume else None
+        if done is not None:
+            print(f"[recipe] {stage}: {done.ref} is already ready; skipping (resume=true)", flush=True)
+            results.append(_result(stage, done, seconds=done.metrics.get("seconds", 0.0)))
+            continue
+        command = launch_command(recipe, stage, arguments)
+        print(f"[recipe] {stage}: {shlex.join(command)}", flush=True)
+        started = time.time()
+        returncode = subprocess.run(command, env=_stage_environment(recipe, stage)).returncode
+        if returncode != 0:
+            _write_summary(summary_path, run_name, results)
+            print(f"[recipe] {stage} failed (exit {returncode}); finished stages are in {summary_path}. "
+                  f"Re-run with resume=true run_name={run_name} to continue.", file=sys.stderr)
+            return returncode
+        entry = _ready_entry(registry, name)
+        if entry is None:
+            raise RuntimeError(f"stage {stage} exited cleanly but registered no ready entry {name}")
+        results.append(_result(stage, entry, seconds=time.time() - started))
+    _write_summary(summary_path, run_name, results)
+    print_table(results)
+    print(f"\nsummary: {summary_path}")
+    return 0
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = ["stage", "algorithm", "registry", "seconds", *[key.split("/", 1)[1] for key in SUMMARY_METRICS]]
+    rows = [header] + [
+        [r["stage"], r.get("algorithm") or "-", r["registry"], f"{r['seconds']:.0f}",
+         *[f"{r['metrics'][key]:.3f}" if key in r["metrics"] else "-" for key in SUMMARY_METRICS]]
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    print()
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)))
+
+
+def _check_stage(stage: str, arguments: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", STAGE_MODULES[stage], *arguments, "--check"],
+        capture_output=True, text=True, env=_stage_environment_plain(),
+    )
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(f"recipe stage {stage}: {message}")
+
+
+def _ready_entry(registry: Registry, name: str) -> Any:
+    try:
+        entry = registry.get(name)
+    except RegistryError:
+        return None
+    return entry if entry.status == "ready" else None
+
+
+def _result(stage: str, entry: Any, seconds: float) -> dict[str, Any]:
+    metrics = {key: entry.metrics[key] for key in SUMMARY_METRICS if key in entry.metrics}
+    return {
+        "stage": stage,
+        "algorithm": entry.metrics.get("algorithm") if stage == "policy" else None,
+        "registry": entry.ref,
+        "output_dir": entry.path,
+        "seconds": round(seconds, 1),
+        "metrics": metrics,
+    }
+
+
+def _write_summary(path: Path, run_name: str, results: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"run": run_name, "stages": results}, indent=2))
+    os.replace(temporary, path)
+
+
+def _stage_environment(recipe: RecipeConfig, stage: str) -> dict[str, str]:
+    environment = dict(os.environ)
+    processes = getattr(recipe, stage).num_processes or recipe.num_processes
+    # One process per core: more threads than cores makes torch's spinning workers fight (10x slower here).
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    return environment
+
+
+def _stage_environment_plain() -> dict[str, str]:
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    return environment
+
+
+def _deepspeed_for(recipe: RecipeConfig, entry: StageEntry) -> str | None:
+    chosen = entry.deepspeed if entry.deepspeed is not None else recipe.deepspeed
+    return None if chosen in (None, "none") else chosen
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

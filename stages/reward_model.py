@@ -1,0 +1,191 @@
+"""Stage 2: a scalar reward model trained on preference pairs, on trl.RewardTrainer.
+
+What it implements: a sequence-classification head (num_labels=1) on the SFT model's backbone,
+trained with the Bradley-Terry pairwise loss (margins when the data has them, optional reward
+centring), optional LoRA with the score head trained in full. The embedded data pairs the correct
+answer against the SFT model's own sampled mistakes (on-policy negatives) or, where it was right, a
+plausible corruption. Evaluation is on held-out pairs: prompts from the eval split, negatives
+sampled afresh. The RM keeps the policy's tokenizer and chat template, checked before training.
+
+Run:
+    rlhf reward --config configs/reward/tiny.yaml [key=value ...]
+    python -m stages.reward_model --config configs/reward/tiny.yaml
+    deepspeed --num_gpus 2 --module stages.reward_model --config configs/reward/tiny.yaml deepspeed=deepspeed_configs/zero3.json
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from reward import evaluation as reward_evaluation
+from reward.pairs import embedded_pairs
+from reward.scoring import check_same_tokenizer
+from stages import common, data, distributed, evaluation, models, tasks
+from stages.config import ConfigError, validate_section
+from stages.registry import Registry
+
+OWNED_TRAIN_KEYS = ("output_dir", "run_name", "seed", "deepspeed", "report_to", "resume_from_checkpoint")
+
+
+@dataclass
+class RewardStageConfig(common.StageConfig):
+    """Config of the reward-model stage (configs/reward/*.yaml)."""
+
+    model: str = field(default="sft:latest", metadata={"help": "Initialise from this model (default: the newest SFT output)."})
+    policy: str | None = field(
+        default=None, metadata={"help": "Model whose tokenizer/template the RM must match and whose samples are negatives (default: model)."}
+    )
+    datasets: list[data.DatasetSpec] = field(
+        default_factory=lambda: [data.DatasetSpec(num_examples=4000)], metadata={"help": "Preference datasets."}
+    )
+    onpolicy_negatives: bool = field(default=True, metadata={"help": "Embedded data: use the policy's own wrong samples as rejected answers."})
+    sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the on-policy samples."})
+    drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed pairs with a count instead of stopping."})
+    heldout_pairs: int = field(default=500, metadata={"help": "Held-out pairs for the evaluation."})
+    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.RewardConfig arguments (checked against its fields)."})
+
+    def __post_init__(self) -> None:
+        from trl import RewardConfig
+
+        for key in OWNED_TRAIN_KEYS:
+            if key in self.train:
+                raise ConfigError(f"train.{key} is set by the stage; use the top-level key instead")
+        self.train = validate_section(RewardConfig, self.train, "reward config", "train.")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config, check_only = common.parse_args(RewardStageConfig, argv)
+    return {} if check_only else run(config)
+
+
+def run(config: RewardStageConfig) -> dict[str, Any]:
+    # -- setup ---------------------------------------------------------------------------------
+    stage = common.start(config, stage="reward", kind="reward")
+    if stage.already_done:
+        return stage.entry.metrics if stage.entry else {}
+    deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
+
+    # -- model and tokenizer -------------------------------------------------------------------
+    registry = Registry()
+    base = registry.get(config.model)
+    policy_entry = registry.get(config.policy) if config.policy else base
+    tokenizer = models.load_tokenizer(base, config.trust_remote_code)
+    policy_tokenizer = models.load_tokenizer(policy_entry, config.trust_remote_code)
+    check_same_tokenizer(policy_tokenizer, tokenizer, f"policy {policy_entry.name!r}", f"reward model init {base.name!r}")
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model {config.model!r} has no chat template; preference pairs are chat conversations")
+    policy = models.load_causal_lm(policy_entry, config.trust_remote_code) if policy_entry.kind != "base" or policy_entry.builtin else None
+    model = models.load_sequence_classifier(base, config.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+
+    # -- data ----------------------------------------------------------------------------------
+    pairs: list[dict[str, Any]] = []
+    for spec in config.datasets:
+        if spec.source == "embedded":
+            pairs += _embedded_training_pairs(spec, config, policy, tokenizer)
+        else:
+            rows, dropped = data.load_preference_rows(spec, config.drop_malformed)
+            if dropped:
+                print(f"reward: dropped {dropped} malformed pairs from {spec.source}")
+            pairs += rows
+    train_dataset = _to_dataset(pairs)
+    dataset_fingerprint = data.fingerprint(pairs)
+
+    # -- trainer -------------------------------------------------------------------------------
+    from trl import RewardConfig, RewardTrainer
+
+    common.open_tracking(stage, config)
+    args = RewardConfig(
+        output_dir=str(stage.output_dir),
+        run_name=stage.run_name,
+        seed=config.seed,
+        deepspeed=deepspeed_config,
+        report_to=["wandb"] if config.tracking.report_to == "wandb" else [],
+        **config.train,
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=config.lora.peft_config("SEQ_CLS", modules_to_save=["score"]) if config.lora.enabled else None,
+    )
+    common.register_start(
+        stage,
+        config,
+        parent=base,
+        dataset_fingerprint=dataset_fingerprint,
+        tokenizer_hash=models.tokenizer_hash(tokenizer),
+        chat_template_hash=models.chat_template_hash(tokenizer),
+    )
+
+    # -- train ---------------------------------------------------------------------------------
+    result = trainer.train(resume_from_checkpoint=common.last_checkpoint(stage.output_dir) if config.resume else None)
+
+    # -- save ----------------------------------------------------------------------------------
+    trainer.save_model(str(stage.output_dir))
+    distributed.barrier()
+    if distributed.is_main_process() and config.lora.enabled and config.lora.merge_on_save:
+        common.merge_adapters(base, stage.output_dir, config.trust_remote_code, sequence_classifier=True)
+    distributed.barrier()
+    if not distributed.is_main_process():
+        return {}
+
+    # -- evaluate (on the saved model) ------------------------------------------------------------
+    saved = Registry().get(str(stage.output_dir))
+    reward_model = models.load_sequence_classifier(saved)
+    heldout = reward_evaluation.heldout_pairs(policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature)
+    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/pairs": len(pairs)}
+    metrics |= reward_evaluation.pairwise_metrics(reward_model, tokenizer, heldout)
+    samples = [
+        {"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][-1]["content"], "rejected": pair["rejected"][-1]["content"]}
+        for pair in heldout[: config.eval.num_samples]
+    ]
+
+    # -- register ------------------------------------------------------------------------------
+    common.remove_checkpoints(stage.output_dir)
+    common.finish(
+        stage,
+        metrics,
+        samples,
+        card={
+            "base": base.ref if not base.builtin else base.name,
+            "data": f"{len(pairs)} preference pairs (fingerprint {dataset_fingerprint})",
+            "config": {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "center_rewards_coefficient")},
+            "steps": trainer.state.global_step,
+            "auto_class": "AutoModelForSequenceClassification",
+        },
+    )
+    return metrics
+
+
+def _embedded_training_pairs(spec: data.DatasetSpec, config: RewardStageConfig, policy: Any, tokenizer: Any) -> list[dict[str, Any]]:
+    rows = tasks.generate(spec.num_examples or 4000, seed=config.seed, split="train", families=spec.tasks)
+    sampled = None
+    if config.onpolicy_negatives and policy is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            sampled = evaluation.generate(
+                policy, tokenizer, [row["prompt"] for row in rows], config.eval.max_new_tokens, 256, do_sample=True, temperature=config.sample_temperature
+            )
+    pairs = embedded_pairs(len(rows), config.seed, sampled_responses=sampled, rows=rows)
+    on_policy = sum(pair["on_policy"] for pair in pairs)
+    print(f"reward: {len(pairs)} embedded pairs, {on_policy} with the policy's own mistakes as the rejected answer")
+    return [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
+
+
+def _to_dataset(pairs: list[dict[str, Any]]) -> Any:
+    from datasets import Dataset
+
+    has_margin = {"margin" in pair for pair in pairs}
+    if has_margin == {True, False}:
+        raise data.DataError("some preference datasets have margins and others do not; give all or none a margin")
+    return Dataset.from_list(pairs)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

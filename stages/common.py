@@ -221,7 +221,8 @@ def print_summary(run: StageRun, metrics: dict[str, Any], card: dict[str, Any]) 
 
 def _claim_output_dir(run: StageRun, config: StageConfig, resolved: dict[str, Any]) -> None:
     manifest = run.output_dir / MANIFEST
-    if run.output_dir.exists() and any(run.output_dir.iterdir()):
+    # A directory holding only a manifest is a run that failed before writing anything: reuse it.
+    if run.output_dir.exists() and any(path.name != MANIFEST for path in run.output_dir.iterdir()):
         ready = [e for e in run.registry.list(include_builtin=False) if Path(e.path) == run.output_dir and e.status == "ready"]
         if not config.resume:
             holder = json.loads(manifest.read_text()).get("run_name", "?") if manifest.exists() else "unknown files"

@@ -177,6 +177,9 @@ class Registry:
             if not (path / "config.json").is_file():
                 raise RegistryError(f"{path} is not a model directory (no config.json)")
             return Entry(name=str(path), version=0, kind="base", path=str(path.resolve()))
+        runs = {entry.run for entry in self.list(include_builtin=False)}
+        if "/" in ref and ref.split("/", 1)[0] in runs:
+            raise RegistryError(self._not_found(ref))  # a run's output that does not exist, not a Hub id
         if "/" in ref and not ref.startswith((".", "/")) and ":" not in ref:
             # Looks like a Hub id (org/name): loaded by transformers, offline caches included.
             return Entry(name=ref, version=0, kind="base", path=ref)

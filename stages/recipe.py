@@ -182,7 +182,7 @@ def _check_stage(stage: str, arguments: list[str]) -> None:
         capture_output=True, text=True, env=_stage_environment_plain(),
     )
     if result.returncode != 0:
-        message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        message = (result.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("rlhf: error: ")
         raise ConfigError(f"recipe stage {stage}: {message}")
 
 

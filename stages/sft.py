@@ -114,13 +114,14 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
         return {}
 
     # -- evaluate (on the saved model: what the next stage will load) ----------------------------
-    saved = Registry().get(str(stage.output_dir))
     metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/examples": len(rows)}
     samples: list[dict[str, Any]] = []
     if config.eval.enabled:
+        adapters_only = config.lora.enabled and not config.lora.merge_on_save  # no full model on disk to reload
+        saved = None if adapters_only else Registry().get(str(stage.output_dir))
         eval_metrics, samples = evaluation.exact_match(
-            models.load_causal_lm(saved) if not (config.lora.enabled and not config.lora.merge_on_save) else trainer.model,
-            models.load_tokenizer(saved),
+            trainer.model if saved is None else models.load_causal_lm(saved),
+            tokenizer if saved is None else models.load_tokenizer(saved),
             config.eval,
         )
         metrics |= eval_metrics

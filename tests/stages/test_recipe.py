@@ -1,0 +1,95 @@
+"""Recipes: parse, dry-run, and short real runs under the deepspeed launcher (2 CPU ranks) with ZeRO-2 and ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.recipe import load_recipe
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted(str(path) for path in (REPO_ROOT / "configs" / "recipes").glob("*.yaml"))
+SHORT = [
+    "sft.datasets=[{source: embedded, num_examples: 320}]", "sft.train.num_train_epochs=1", "sft.eval.num_prompts=20",
+    "reward.datasets=[{source: embedded, num_examples: 128}]", "reward.train.num_train_epochs=1", "reward.heldout_pairs=40",
+    "policy.datasets=[{source: embedded, num_examples: 64}]", "policy.dpo.num_train_epochs=1", "policy.dpo.per_device_train_batch_size=16",
+    "policy.eval.num_prompts=20", "policy.ppo.num_steps=2", "policy.ppo.batch_size=16", "policy.ppo.mini_batch_size=8",
+]
+
+
+def _rlhf(*arguments: str, home: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, RLHF_HOME=str(home), PYTHONPATH=str(REPO_ROOT), WANDB_MODE="offline")
+    return subprocess.run([sys.executable, "-m", "stages.cli", *arguments], capture_output=True, text=True, env=environment, timeout=timeout, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_every_shipped_recipe_parses_and_its_stage_configs_validate(path: str, isolated_home: Path) -> None:
+    recipe, _ = load_recipe(path, [])
+    assert recipe.stages
+    result = _rlhf("run", path, "--dry-run", home=isolated_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--module stages.") == len(recipe.stages)
+
+
+def test_dry_run_prints_launcher_commands_and_swaps_the_algorithm(isolated_home: Path) -> None:
+    result = _rlhf("run", "configs/recipes/tiny.yaml", "--dry-run", "run_name=r1", "policy.algorithm=ppo", home=isolated_home)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("--module ")[1].split()[0] for line in lines] == ["stages.sft", "stages.reward_model", "stages.policy"]
+    assert all("deepspeed.launcher.runner --num_gpus 2" in line and "deepspeed=deepspeed_configs/zero2.json" in line for line in lines)
+    assert "model=r1/sft" in lines[1] and "reward_model=r1/reward" in lines[2] and "algorithm=ppo" in lines[2]
+    assert not list(isolated_home.glob("r1/*")), "a dry run writes nothing"
+
+
+def test_bad_override_fails_before_any_stage_runs(isolated_home: Path) -> None:
+    result = _rlhf("run", "configs/recipes/tiny.yaml", "policy.algorithm=sgd", home=isolated_home)
+    assert result.returncode == 2
+    assert "unknown algorithm 'sgd'; valid: dpo, ppo, grpo, rloo" in result.stderr
+    result = _rlhf("run", "configs/recipes/tiny.yaml", "sft.train.learnig_rate=1", home=isolated_home)
+    assert result.returncode == 2 and "did you mean 'learning_rate'" in result.stderr
+
+
+def _summary(home: Path, run: str) -> dict:
+    return json.loads((home / run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_recipe_zero2_dpo_then_resume_skips_finished_stages(isolated_home: Path) -> None:
+    result = _rlhf("run", "configs/recipes/tiny.yaml", "run_name=z2", *SHORT, home=isolated_home)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = _summary(isolated_home, "z2")
+    assert [s["stage"] for s in summary["stages"]] == ["sft", "reward", "policy"]
+    assert [s["registry"] for s in summary["stages"]] == ["z2/sft:1", "z2/reward:1", "z2/policy:1"]
+    assert summary["stages"][2]["algorithm"] == "dpo"
+    assert {"eval/exact_match", "eval/reward_mean", "eval/kl_to_ref"} <= set(summary["stages"][2]["metrics"])
+    assert "eval/pairwise_accuracy" in summary["stages"][1]["metrics"]
+    for stage in summary["stages"]:
+        assert (Path(stage["output_dir"]) / "model.safetensors").exists()
+    again = _rlhf("run", "configs/recipes/tiny.yaml", "run_name=z2", "resume=true", *SHORT, home=isolated_home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already ready; skipping") == 3
+    assert _summary(isolated_home, "z2")["stages"] == summary["stages"]
+
+
+@pytest.mark.slow
+def test_recipe_zero3_with_ppo(isolated_home: Path) -> None:
+    result = _rlhf(
+        "run", "configs/recipes/tiny.yaml", "run_name=z3", "deepspeed=deepspeed_configs/zero3.json", "policy.algorithm=ppo", *SHORT,
+        home=isolated_home,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = _summary(isolated_home, "z3")
+    assert summary["stages"][2]["algorithm"] == "ppo"
+    from stages import models
+    from stages.registry import Registry
+
+    for stage in summary["stages"]:
+        entry = Registry(isolated_home).get(stage["registry"])
+        assert entry.status == "ready"
+        loader = models.load_sequence_classifier if stage["stage"] == "reward" else models.load_causal_lm
+        assert loader(entry) is not None  # a consolidated, loadable checkpoint, not DeepSpeed shards

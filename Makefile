@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/rlhf sft --config configs/sft/tiny.yaml
+	$(BIN)/rlhf run configs/recipes/tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

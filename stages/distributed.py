@@ -56,6 +56,14 @@ def broadcast_object(value: Any) -> Any:
     return holder[0]
 
 
+def end_zero3_init() -> None:
+    """After training: later `from_pretrained` calls (rank 0's evaluation of the saved model) must build
+    plain models, not ZeRO-3-partitioned ones whose construction waits on ranks that have exited."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def resolve_deepspeed_config(path: str | None) -> str | None:
     """Check a DeepSpeed config file before any compute; returns its absolute path."""
     if path is None:

@@ -111,6 +111,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     # -- save ----------------------------------------------------------------------------------
     outcome["save"]()
     distributed.barrier()
+    distributed.end_zero3_init()  # rank 0 alone loads models from here on
     if distributed.is_main_process() and config.lora.enabled and config.algorithm != "ppo":
         common.merge_adapters(base, stage.output_dir, config.trust_remote_code)
     distributed.barrier()
@@ -120,7 +121,9 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     # -- evaluate (on the saved model, against a freshly loaded reference) -------------------------
     saved = models.load_causal_lm(Registry().get(str(stage.output_dir)))
     reference = models.load_causal_lm(base, config.trust_remote_code)
-    reward_fn = (lambda prompts, responses: score(reward_model, tokenizer, prompts, responses)) if reward_model is not None else None
+    # Reloaded: under ZeRO-3 the training copy is partitioned across ranks that have now exited.
+    eval_reward_model = models.load_sequence_classifier(reward_entry, config.trust_remote_code) if reward_entry else None
+    reward_fn = (lambda prompts, responses: score(eval_reward_model, tokenizer, prompts, responses)) if eval_reward_model else None
     metrics: dict[str, Any] = {"train/loss": outcome["loss"], "algorithm": config.algorithm}
     samples: list[dict[str, Any]] = []
     if config.eval.enabled:

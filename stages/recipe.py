@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
         done = _ready_entry(registry, name) if recipe.resume else None
         if done is not None:
             print(f"[recipe] {stage}: {done.ref} is already ready; skipping (resume=true)", flush=True)
-            results.append(_result(stage, done, seconds=done.metrics.get("seconds", 0.0)))
+            results.append(_result(stage, done, seconds=done.metrics.get("recipe/seconds", done.metrics.get("seconds", 0.0))))
             continue
         command = launch_command(recipe, stage, arguments)
         print(f"[recipe] {stage}: {shlex.join(command)}", flush=True)
@@ -156,7 +156,9 @@ def main(argv: list[str]) -> int:
         entry = _ready_entry(registry, name)
         if entry is None:
             raise RuntimeError(f"stage {stage} exited cleanly but registered no ready entry {name}")
-        results.append(_result(stage, entry, seconds=time.time() - started))
+        seconds = round(time.time() - started, 1)  # wall clock, launcher start-up included
+        registry.update(entry.ref, metrics=entry.metrics | {"recipe/seconds": seconds})
+        results.append(_result(stage, entry, seconds=seconds))
     _write_summary(summary_path, run_name, results)
     print_table(results)
     print(f"\nsummary: {summary_path}")

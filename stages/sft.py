@@ -107,6 +107,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     # -- save ----------------------------------------------------------------------------------
     trainer.save_model(str(stage.output_dir))
     distributed.barrier()
+    distributed.end_zero3_init()  # rank 0 alone loads models from here on
     if distributed.is_main_process() and config.lora.enabled and config.lora.merge_on_save:
         common.merge_adapters(base, stage.output_dir, config.trust_remote_code)
     distributed.barrier()

@@ -74,6 +74,32 @@ class OutputDirError(RuntimeError):
     """The output directory holds another run; refusing to overwrite it."""
 
 
+# Fields of TRL's configs that every stage sets itself from its top-level keys.
+OWNED_TRAIN_KEYS = ("output_dir", "run_name", "seed", "deepspeed", "report_to", "resume_from_checkpoint")
+
+
+def check_trl_section(trl_class: type, values: dict[str, Any], section: str, source: str) -> dict[str, Any]:
+    """Validate a section of TRL arguments (`train:`, `dpo:`, ...) against `trl_class`'s fields."""
+    from stages.config import ConfigError, validate_section
+
+    for key in OWNED_TRAIN_KEYS:
+        if key in values:
+            raise ConfigError(f"{section}.{key} is set by the stage; use the top-level key instead")
+    return validate_section(trl_class, values, source, f"{section}.")
+
+
+def trl_args(trl_class: type, stage: "StageRun", config: "StageConfig", section: dict[str, Any], deepspeed_config: str | None) -> Any:
+    """TRL training arguments: the stage's owned fields plus the checked section."""
+    return trl_class(
+        output_dir=str(stage.output_dir),
+        run_name=stage.run_name,
+        seed=config.seed,
+        deepspeed=deepspeed_config,
+        report_to=["wandb"] if config.tracking.report_to == "wandb" else [],  # reuses the run opened by open_tracking
+        **section,
+    )
+
+
 def parse_args(config_class: type, argv: list[str] | None) -> tuple[Any, bool]:
     """Parse a stage's command line; `--check` validates the config (and its DeepSpeed file) and stops."""
     import sys

@@ -29,12 +29,11 @@ from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer, score
 from reward.verifiable import exact_answer_reward
 from stages import common, data, distributed, evaluation, models, tasks
-from stages.config import ConfigError, validate_section
+from stages.config import ConfigError
 from stages.ppo import PPOConfig
 from stages.registry import Entry, Registry
 
 ALGORITHMS = ("dpo", "ppo", "grpo", "rloo")
-OWNED_TRAIN_KEYS = ("output_dir", "run_name", "seed", "deepspeed", "report_to", "resume_from_checkpoint")
 
 
 @dataclass
@@ -65,11 +64,7 @@ class PolicyStageConfig(common.StageConfig):
         from trl import DPOConfig, GRPOConfig, RLOOConfig
 
         for section, trl_class in (("dpo", DPOConfig), ("grpo", GRPOConfig), ("rloo", RLOOConfig)):
-            values = getattr(self, section)
-            for key in OWNED_TRAIN_KEYS:
-                if key in values:
-                    raise ConfigError(f"{section}.{key} is set by the stage; use the top-level key instead")
-            setattr(self, section, validate_section(trl_class, values, "policy config", f"{section}."))
+            setattr(self, section, common.check_trl_section(trl_class, getattr(self, section), section, "policy config"))
         if self.algorithm in ("ppo", "grpo", "rloo") and self.reward_model is None and not self.verifiable_reward:
             raise ConfigError(f"algorithm {self.algorithm} needs reward_model (or verifiable_reward: true)")
 
@@ -156,25 +151,15 @@ def _train_dpo(config: PolicyStageConfig, stage: common.StageRun, policy: Any, r
     from trl import DPOConfig, DPOTrainer
 
     pairs = _preference_pairs(config, policy, tokenizer)
-    args = DPOConfig(
-        output_dir=str(stage.output_dir), run_name=stage.run_name, seed=config.seed, deepspeed=deepspeed_config,
-        report_to=_report_to(config), **config.dpo,
-    )
     trainer = DPOTrainer(
         model=policy,
         ref_model=reference,  # None with LoRA: TRL then uses the adapter-disabled policy
-        args=args,
+        args=common.trl_args(DPOConfig, stage, config, config.dpo, deepspeed_config),
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
-    result = trainer.train(resume_from_checkpoint=common.last_checkpoint(stage.output_dir) if config.resume else None)
-    return {
-        "save": lambda: trainer.save_model(str(stage.output_dir)),
-        "loss": float(result.training_loss),
-        "steps": trainer.state.global_step,
-        "card": {k: config.dpo.get(k) for k in ("loss_type", "beta", "learning_rate", "num_train_epochs")},
-    }
+    return _train_trl(trainer, config, stage, config.dpo, ("loss_type", "beta", "learning_rate", "num_train_epochs"))
 
 
 def _train_group(config: PolicyStageConfig, stage: common.StageRun, policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
@@ -184,28 +169,29 @@ def _train_group(config: PolicyStageConfig, stage: common.StageRun, policy: Any,
 
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if config.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     section = getattr(config, config.algorithm)
-    args = config_class(
-        output_dir=str(stage.output_dir), run_name=stage.run_name, seed=config.seed, deepspeed=deepspeed_config,
-        report_to=_report_to(config), **section,
-    )
     reward_funcs: list[Any] = [reward_model] if reward_model is not None else []
     if config.verifiable_reward:
         reward_funcs.append(exact_answer_reward)
     trainer = trainer_class(
         model=policy,
         reward_funcs=reward_funcs,
-        args=args,
+        args=common.trl_args(config_class, stage, config, section, deepspeed_config),
         train_dataset=Dataset.from_list(_prompt_rows(config)),
         processing_class=tokenizer,
         reward_processing_classes=[tokenizer if fn is reward_model else None for fn in reward_funcs],
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
+    return _train_trl(trainer, config, stage, section, ("learning_rate", "num_generations", "beta", "max_steps"))
+
+
+def _train_trl(trainer: Any, config: PolicyStageConfig, stage: common.StageRun, section: dict[str, Any], card_keys: tuple[str, ...]) -> dict[str, Any]:
+    """Train a TRL trainer (resuming if asked) and describe the outcome for the save/register sections."""
     result = trainer.train(resume_from_checkpoint=common.last_checkpoint(stage.output_dir) if config.resume else None)
     return {
         "save": lambda: trainer.save_model(str(stage.output_dir)),
         "loss": float(result.training_loss),
         "steps": trainer.state.global_step,
-        "card": {k: section.get(k) for k in ("learning_rate", "num_generations", "beta", "max_steps")},
+        "card": {key: section.get(key) for key in card_keys},
     }
 
 
@@ -306,10 +292,6 @@ def _frozen(model: Any) -> Any:
     model.requires_grad_(False)
     model.eval()
     return model
-
-
-def _report_to(config: PolicyStageConfig) -> list[str]:
-    return ["wandb"] if config.tracking.report_to == "wandb" else []
 
 
 if __name__ == "__main__":

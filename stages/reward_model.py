@@ -25,10 +25,8 @@ from reward import evaluation as reward_evaluation
 from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer
 from stages import common, data, distributed, evaluation, models, tasks
-from stages.config import ConfigError, validate_section
+from stages.config import ConfigError
 from stages.registry import Registry
-
-OWNED_TRAIN_KEYS = ("output_dir", "run_name", "seed", "deepspeed", "report_to", "resume_from_checkpoint")
 
 
 @dataclass
@@ -51,10 +49,7 @@ class RewardStageConfig(common.StageConfig):
     def __post_init__(self) -> None:
         from trl import RewardConfig
 
-        for key in OWNED_TRAIN_KEYS:
-            if key in self.train:
-                raise ConfigError(f"train.{key} is set by the stage; use the top-level key instead")
-        self.train = validate_section(RewardConfig, self.train, "reward config", "train.")
+        self.train = common.check_trl_section(RewardConfig, self.train, "train", "reward config")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -99,17 +94,9 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
 
     common.open_tracking(stage, config)
-    args = RewardConfig(
-        output_dir=str(stage.output_dir),
-        run_name=stage.run_name,
-        seed=config.seed,
-        deepspeed=deepspeed_config,
-        report_to=["wandb"] if config.tracking.report_to == "wandb" else [],
-        **config.train,
-    )
     trainer = RewardTrainer(
         model=model,
-        args=args,
+        args=common.trl_args(RewardConfig, stage, config, config.train, deepspeed_config),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=config.lora.peft_config("SEQ_CLS", modules_to_save=["score"]) if config.lora.enabled else None,

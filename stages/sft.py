@@ -20,11 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages import common, data, distributed, evaluation, models
-from stages.config import ConfigError, validate_section
+from stages.config import ConfigError
 from stages.registry import Registry
-
-# Fields of trl.SFTConfig that the stage sets itself from the top-level config.
-OWNED_TRAIN_KEYS = ("output_dir", "run_name", "seed", "deepspeed", "report_to", "resume_from_checkpoint")
 
 
 @dataclass
@@ -39,10 +36,7 @@ class SFTStageConfig(common.StageConfig):
     def __post_init__(self) -> None:
         from trl import SFTConfig
 
-        for key in OWNED_TRAIN_KEYS:
-            if key in self.train:
-                raise ConfigError(f"train.{key} is set by the stage; use the top-level key instead")
-        self.train = validate_section(SFTConfig, self.train, "sft config", "train.")
+        self.train = common.check_trl_section(SFTConfig, self.train, "train", "sft config")
         if not self.datasets:
             raise ConfigError("datasets must list at least one dataset")
 
@@ -77,17 +71,9 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     common.open_tracking(stage, config)
-    args = SFTConfig(
-        output_dir=str(stage.output_dir),
-        run_name=stage.run_name,
-        seed=config.seed,
-        deepspeed=deepspeed_config,
-        report_to=["wandb"] if config.tracking.report_to == "wandb" else [],  # reuses the run opened above
-        **config.train,
-    )
     trainer = SFTTrainer(
         model=model,
-        args=args,
+        args=common.trl_args(SFTConfig, stage, config, config.train, deepspeed_config),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,

@@ -47,6 +47,11 @@ def test_sft_learns_saves_and_registers(tmp_path: Path) -> None:
     trained = load_file(out / "model.safetensors")
     initial = models.load_causal_lm(Registry().get("tiny-llama")).state_dict()
     assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], initial["model.layers.0.self_attn.q_proj.weight"])
+    # W&B ran offline (no credentials, no network) and its run directory holds the logged history.
+    offline_runs = list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert offline_runs and offline_runs[0].stat().st_size > 0
+    assert entry.wandb_run and "offline-run" in entry.wandb_run
+    assert b"eval/exact_match" in offline_runs[0].read_bytes()
     # The saved model is what the registry's eval sees.
     assert json.loads((out / "metrics.json").read_text())["eval/exact_match"] == metrics["eval/exact_match"]
     # A second run into the same directory is refused, and nothing is overwritten.

@@ -297,12 +297,13 @@ def test_check_same_tokenizer_names_the_difference(tokenizer):
 
 def test_deepspeed_auto_values_come_from_the_ppo_config():
     """zero3.json's "auto" values: micro-batch = mini_batch_size, no accumulation, global batch = micro x 2
-    processes, clipping = max_grad_norm, precision from bf16, bucket sizes from hidden_size 128."""
+    processes, clipping = max_grad_norm, precision from bf16, reduce bucket = hidden_size squared."""
     config = PPOConfig(mini_batch_size=8, batch_size=32, max_grad_norm=0.5)
     resolved = _resolve_deepspeed_config(ROOT / "deepspeed_configs/zero3.json", config, 2, AutoConfig.for_model(**MODEL_CONFIG))
     assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"], resolved["train_batch_size"]) == (8, 1, 16)
     assert resolved["gradient_clipping"] == 0.5 and resolved["bf16"]["enabled"] is False
-    assert resolved["zero_optimization"]["reduce_bucket_size"] == 128 * 128
+    hidden_size = MODEL_CONFIG["hidden_size"]
+    assert resolved["zero_optimization"]["reduce_bucket_size"] == hidden_size * hidden_size
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
         _resolve_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, config, 2, None)
     with pytest.raises(ValueError, match="optimizer"):

@@ -17,9 +17,7 @@ def heldout_pairs(policy: Any | None, tokenizer: Any, num_pairs: int, seed: int,
     rows = tasks.generate(num_pairs, seed=seed, split="eval")
     sampled = None
     if policy is not None:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            sampled = evaluation.generate(policy, tokenizer, [r["prompt"] for r in rows], 16, 256, do_sample=True, temperature=temperature)
+        sampled = evaluation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], seed, 16, temperature)
     return embedded_pairs(num_pairs, seed, split="eval", sampled_responses=sampled, rows=rows)
 
 

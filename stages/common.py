@@ -282,6 +282,21 @@ def remove_checkpoints(output_dir: Path) -> None:
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+def settle_after_save(stage: StageRun, config: StageConfig, base: Entry, merge_lora: bool, sequence_classifier: bool = False) -> bool:
+    """After every rank saved: leave ZeRO-3 model construction, merge LoRA on rank 0, and wait for it.
+
+    Returns True on the main process, which alone evaluates and registers. The order matters: under
+    ZeRO-3, any model built while the DeepSpeed config is still active is partitioned, and its
+    construction waits on ranks that have already gone.
+    """
+    distributed.barrier()
+    distributed.end_zero3_init()
+    if distributed.is_main_process() and config.lora.enabled and merge_lora:
+        merge_adapters(base, stage.output_dir, config.trust_remote_code, sequence_classifier)
+    distributed.barrier()
+    return distributed.is_main_process()
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
     """The newest `checkpoint-N` in output_dir, for resume=true (None: start from scratch)."""
     from transformers.trainer_utils import get_last_checkpoint

@@ -76,6 +76,15 @@ def generate(
     return responses
 
 
+def sample_responses(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], seed: int, max_new_tokens: int, temperature: float = 1.0
+) -> list[str]:
+    """One sampled answer per prompt, seeded, without moving the caller's global RNG (on-policy negatives)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return generate(model, tokenizer, prompts, max_new_tokens, 256, do_sample=True, temperature=temperature)
+
+
 def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out exact match overall, per task, and on unseen phrasings; plus a few samples."""
     metrics: dict[str, float] = {}

@@ -19,9 +19,8 @@ Run:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -31,7 +30,7 @@ from reward.verifiable import exact_answer_reward
 from stages import common, data, distributed, evaluation, models, tasks
 from stages.config import ConfigError
 from stages.ppo import PPOConfig
-from stages.registry import Entry, Registry
+from stages.registry import Registry
 
 ALGORITHMS = ("dpo", "ppo", "grpo", "rloo")
 
@@ -105,12 +104,8 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
 
     # -- save ----------------------------------------------------------------------------------
     outcome["save"]()
-    distributed.barrier()
-    distributed.end_zero3_init()  # rank 0 alone loads models from here on
-    if distributed.is_main_process() and config.lora.enabled and config.algorithm != "ppo":
-        common.merge_adapters(base, stage.output_dir, config.trust_remote_code)
-    distributed.barrier()
-    if not distributed.is_main_process():
+    # PPO's save_model already merges adapters into the actor it writes.
+    if not common.settle_after_save(stage, config, base, merge_lora=config.algorithm != "ppo"):
         return {}
 
     # -- evaluate (on the saved model, against a freshly loaded reference) -------------------------
@@ -257,9 +252,7 @@ def _preference_pairs(config: PolicyStageConfig, policy: Any, tokenizer: Any) ->
         rows = tasks.generate(spec.num_examples or 3000, seed=config.seed + 1, split="train", families=spec.tasks)
         sampled = None
         if config.onpolicy_negatives:
-            with torch.random.fork_rng():
-                torch.manual_seed(config.seed)
-                sampled = evaluation.generate(policy, tokenizer, [r["prompt"] for r in rows], config.eval.max_new_tokens, 256, do_sample=True)
+            sampled = evaluation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], config.seed, config.eval.max_new_tokens)
         generated = embedded_pairs(len(rows), config.seed, sampled_responses=sampled, rows=rows)
         print(f"policy: {len(generated)} embedded pairs, {sum(p['on_policy'] for p in generated)} rejecting the SFT model's own mistakes")
         pairs += [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in generated]

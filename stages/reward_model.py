@@ -15,11 +15,8 @@ Run:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from reward import evaluation as reward_evaluation
 from reward.pairs import embedded_pairs
@@ -115,12 +112,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
 
     # -- save ----------------------------------------------------------------------------------
     trainer.save_model(str(stage.output_dir))
-    distributed.barrier()
-    distributed.end_zero3_init()  # rank 0 alone loads models from here on
-    if distributed.is_main_process() and config.lora.enabled and config.lora.merge_on_save:
-        common.merge_adapters(base, stage.output_dir, config.trust_remote_code, sequence_classifier=True)
-    distributed.barrier()
-    if not distributed.is_main_process():
+    if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=True):
         return {}
 
     # -- evaluate (on the saved model) ------------------------------------------------------------
@@ -155,11 +147,8 @@ def _embedded_training_pairs(spec: data.DatasetSpec, config: RewardStageConfig, 
     rows = tasks.generate(spec.num_examples or 4000, seed=config.seed, split="train", families=spec.tasks)
     sampled = None
     if config.onpolicy_negatives and policy is not None:
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed)
-            sampled = evaluation.generate(
-                policy, tokenizer, [row["prompt"] for row in rows], config.eval.max_new_tokens, 256, do_sample=True, temperature=config.sample_temperature
-            )
+        prompts = [row["prompt"] for row in rows]
+        sampled = evaluation.sample_responses(policy, tokenizer, prompts, config.seed, config.eval.max_new_tokens, config.sample_temperature)
     pairs = embedded_pairs(len(rows), config.seed, sampled_responses=sampled, rows=rows)
     on_policy = sum(pair["on_policy"] for pair in pairs)
     print(f"reward: {len(pairs)} embedded pairs, {on_policy} with the policy's own mistakes as the rejected answer")

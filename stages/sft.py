@@ -15,7 +15,6 @@ Run:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,12 +91,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
 
     # -- save ----------------------------------------------------------------------------------
     trainer.save_model(str(stage.output_dir))
-    distributed.barrier()
-    distributed.end_zero3_init()  # rank 0 alone loads models from here on
-    if distributed.is_main_process() and config.lora.enabled and config.lora.merge_on_save:
-        common.merge_adapters(base, stage.output_dir, config.trust_remote_code)
-    distributed.barrier()
-    if not distributed.is_main_process():
+    if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save):
         return {}
 
     # -- evaluate (on the saved model: what the next stage will load) ----------------------------

@@ -66,7 +66,7 @@ def test_secrets_never_reach_the_registry(tmp_path: Path, monkeypatch: pytest.Mo
 def _writer(home: str, worker: int, count: int) -> None:
     registry = Registry(home)
     for index in range(count):
-        entry = registry.begin(f"shared", "sft", f"/tmp/{worker}-{index}", config={"worker": worker, "index": index})
+        entry = registry.begin("shared", "sft", f"/tmp/{worker}-{index}", config={"worker": worker, "index": index})
         registry.mark_ready(entry.ref)
 
 

@@ -3,6 +3,7 @@
     rlhf sft --config configs/sft/tiny.yaml [key=value ...]
     rlhf registry list [--json] | show REF [--json] | gc [--delete-files]
     rlhf eval REF [--json]
+    rlhf report RUN [RUN_B] [--out DIR]
 
 Stage modules are imported only when their command runs, so registry commands start fast.
 """
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo).")
     parser.set_defaults(command=None)
-    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,run,registry,eval}")
+    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,run,registry,eval,report}")
     for stage in STAGE_MODULES:
         commands.add_parser(stage, help=f"run the {stage} stage: --config FILE [key=value ...]")
     commands.add_parser("run", help="run a recipe: RECIPE.yaml [key=value ...] [--dry-run]")
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-prompts", type=int, default=200)
     evaluate.add_argument("--seed", type=int, default=1234, help="held-out draw; any seed stays disjoint from training")
     evaluate.set_defaults(command="eval", handler=_eval)
+
+    report = commands.add_parser("report", help="offline HTML report of a recipe run, or two runs compared")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run name under RLHF_HOME, or a run directory; give two to compare")
+    report.add_argument("--out", help="output folder (default: RLHF_HOME/RUN/report, or RUN/report-vs-RUN_B)")
+    report.set_defaults(command="report", handler=_report)
     return parser
 
 
@@ -134,6 +140,18 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{entry.ref}")
         for key, value in metrics.items():
             print(f"  {key:<40} {value:.4f}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from stages import report
+
+    try:
+        page = report.write_report(args.runs, args.out)
+    except report.ReportError as error:
+        print(f"rlhf: error: {error}", file=sys.stderr)
+        return 2
+    print(page)
     return 0
 
 

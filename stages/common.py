@@ -23,6 +23,8 @@ from stages.registry import Entry, Registry, rlhf_home
 from stages.secrets import scrub
 
 MANIFEST = "stage_config.json"
+# Per-step training history in a checkpoint: HF Trainer's log_history (TRL stages), our PPO's steps.
+HISTORY_FILES = ("trainer_state.json", "history.jsonl")
 # Errors that are the user's to fix: printed as one line, no traceback.
 USER_ERRORS = ("ConfigError", "RegistryError", "DataError", "ModelLoadError", "OutputDirError", "DeepSpeedConfigError")
 
@@ -277,7 +279,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def remove_checkpoints(output_dir: Path) -> None:
-    """Drop intermediate checkpoints once the final model is saved and registered."""
+    """Drop intermediate checkpoints once the final model is saved and registered, keeping the newest
+    one's training history: the final save writes weights only, and `rlhf report` draws its curves
+    from these files (with a save strategy of "no" there is no checkpoint, hence no history)."""
+    newest = last_checkpoint(output_dir)
+    for name in HISTORY_FILES:
+        if newest is not None and (Path(newest) / name).is_file():
+            shutil.copyfile(Path(newest) / name, output_dir / name)
     for checkpoint in output_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
 

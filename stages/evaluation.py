@@ -154,16 +154,23 @@ def policy_metrics(
     reward_fn: Callable[[list[list[dict[str, str]]], list[str]], torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The evaluation every policy algorithm reports: exact match, reward under `reward_fn` (the
-    stage-2 reward model), KL to the reference, response length."""
+    stage-2 reward model), KL to the reference, response length. Each sample also holds the
+    reference's (the SFT model's) answer to the same prompt and its reward, for the run report."""
     metrics, samples = exact_match(policy, tokenizer, config)
     rows = heldout_rows(config)
     prompts = [row["prompt"] for row in rows]
+    sample_prompts = prompts[: len(samples)]  # the samples are the first rows of the same draw
+    reference_responses = generate(reference, tokenizer, sample_prompts, config.max_new_tokens, config.batch_size)
+    for sample, reference_response in zip(samples, reference_responses):
+        sample["reference_response"] = reference_response
     if reward_fn is not None:
         responses = generate(policy, tokenizer, prompts, config.max_new_tokens, config.batch_size)
         rewards = reward_fn(prompts, responses)
         metrics["eval/reward_mean"] = rewards.mean().item()
-        for sample, reward in zip(samples, rewards.tolist()):
+        reference_rewards = reward_fn(sample_prompts, reference_responses).tolist() if samples else []
+        for sample, reward, reference_reward in zip(samples, rewards.tolist(), reference_rewards):
             sample["reward"] = reward
+            sample["reference_reward"] = reference_reward
     kl, length = kl_to_reference(policy, reference, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.seed)
     metrics["eval/kl_to_ref"] = kl
     metrics["eval/response_length"] = length

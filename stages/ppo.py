@@ -47,6 +47,9 @@ from stages import ppo_math
 
 RewardFunction = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> (batch,) scores
 LogHook = Callable[[int, dict[str, float], "list[dict[str, Any]] | None"], None]  # (step, metrics, samples)
+# Every step's metrics, one JSON object a line, written into each checkpoint: a resumed run carries the
+# steps before the crash, and the stage keeps the newest checkpoint's copy for `rlhf report` (no W&B needed).
+HISTORY_FILE = "history.jsonl"
 Messages = list[dict[str, str]]
 
 
@@ -225,6 +228,7 @@ class PPOTrainer:
         self.config, self.tokenizer, self.reward_fn, self.log_hook = config, tokenizer, reward_fn, log_hook
         self.actor, self.reference, self.critic, self.reward_model = actor, reference, critic, reward_model
         self.output_dir = Path(output_dir)
+        self.step_history: list[dict[str, float]] = []  # {"step": N, **metrics} for every step so far
 
         # --- setup: processes and devices --------------------------------------------------------------------
         self.deepspeed, self.zero_stage, self.rank, self.world_size = None, 0, 0, 1
@@ -524,6 +528,7 @@ class PPOTrainer:
             raise FileExistsError(
                 f"{self.output_dir} already holds {latest.name}: pass resume=True to continue it, or use another output_dir"
             )
+        self.step_history = []
         if latest is not None:
             start_step = self._load_checkpoint(latest)
         else:
@@ -534,6 +539,7 @@ class PPOTrainer:
         for step in progress:
             metrics, samples = self.step(step)
             history.append(metrics)
+            self.step_history.append({"step": step, **metrics})
             progress.set_postfix(reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
             samples_due = config.sample_table_every is not None and step % config.sample_table_every == 0
             if self.log_hook is not None and self.rank == 0 and (step % config.logging_steps == 0 or samples_due):
@@ -567,6 +573,8 @@ class PPOTrainer:
         state = {"step": step, "kl_controller": self.kl_controller.state_dict(),
                  "score_moments": self.score_moments.state_dict(), "rng": _rng_state()}
         torch.save(state, temporary / f"trainer_state_rank{self.rank}.pt")
+        if self.rank == 0:  # metrics are already averaged across processes
+            (temporary / HISTORY_FILE).write_text("".join(json.dumps(record) + "\n" for record in self.step_history))
         self._barrier()
         if self.rank == 0:
             os.replace(temporary, final)
@@ -591,6 +599,9 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
         _set_rng_state(state["rng"])
+        history_file = checkpoint / HISTORY_FILE  # absent in checkpoints written before it existed
+        if history_file.is_file():
+            self.step_history = [json.loads(line) for line in history_file.read_text().splitlines() if line]
         return int(state["step"])
 
     def save_model(self, path: str | os.PathLike) -> None:

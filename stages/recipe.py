@@ -162,6 +162,7 @@ def main(argv: list[str]) -> int:
     _write_summary(summary_path, run_name, results)
     print_table(results)
     print(f"\nsummary: {summary_path}")
+    _write_report(run_name)
     return 0
 
 
@@ -176,6 +177,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print()
     for row in rows:
         print("  ".join(value.ljust(width) for value, width in zip(row, widths)))
+
+
+def _write_report(run_name: str) -> None:
+    """The HTML report is a view of the finished run: failing to draw it warns, the run still succeeded."""
+    try:
+        from stages import report
+
+        print(f"report:  {report.write_report([run_name])}")
+    except Exception as error:  # noqa: BLE001 - whatever broke the report, the trained models are the result
+        print(f"[recipe] warning: no report ({type(error).__name__}: {error}); retry with `rlhf report {run_name}`", file=sys.stderr)
 
 
 def _check_stage(stage: str, arguments: list[str]) -> None:

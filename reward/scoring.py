@@ -43,6 +43,10 @@ def score(
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
+class TokenizerMismatchError(ValueError):
+    """Two models that must share a tokenizer (policy and reward model) do not; the message names both."""
+
+
 def check_same_tokenizer(first: Any, second: Any, first_name: str, second_name: str) -> None:
     """Refuse to pair models whose tokenizers differ: PPO and reward scoring feed one model's token ids
     (or its chat-formatted text) to the other, so any difference makes the scores meaningless."""
@@ -53,7 +57,7 @@ def check_same_tokenizer(first: Any, second: Any, first_name: str, second_name: 
     }
     differences = [what for what, same in checks.items() if not same]
     if differences:
-        raise ValueError(
+        raise TokenizerMismatchError(
             f"tokenizers of {first_name} and {second_name} differ in: {', '.join(differences)}; "
             "train the reward model from the policy's SFT model so both share one tokenizer and template"
         )

@@ -26,7 +26,10 @@ MANIFEST = "stage_config.json"
 # Per-step training history in a checkpoint: HF Trainer's log_history (TRL stages), our PPO's steps.
 HISTORY_FILES = ("trainer_state.json", "history.jsonl")
 # Errors that are the user's to fix: printed as one line, no traceback.
-USER_ERRORS = ("ConfigError", "RegistryError", "DataError", "ModelLoadError", "OutputDirError", "DeepSpeedConfigError")
+USER_ERRORS = (
+    "ConfigError", "RegistryError", "DataError", "ModelLoadError", "OutputDirError", "DeepSpeedConfigError",
+    "TokenizerMismatchError", "OutputWriteError", "NonFiniteLossError",
+)
 
 
 @dataclass
@@ -76,6 +79,10 @@ class OutputDirError(RuntimeError):
     """The output directory holds another run; refusing to overwrite it."""
 
 
+class OutputWriteError(RuntimeError):
+    """Writing the stage's output failed (disk full, permissions); the registry entry stays incomplete."""
+
+
 # Fields of TRL's configs that every stage sets itself from its top-level keys.
 OWNED_TRAIN_KEYS = ("output_dir", "run_name", "seed", "deepspeed", "report_to", "resume_from_checkpoint")
 
@@ -98,7 +105,9 @@ def trl_args(trl_class: type, stage: "StageRun", config: "StageConfig", section:
         seed=config.seed,
         deepspeed=deepspeed_config,
         report_to=["wandb"] if config.tracking.report_to == "wandb" else [],  # reuses the run opened by open_tracking
-        **section,
+        # HF Trainer's default replaces a non-finite step loss by the running mean, hiding a diverged run
+        # from NonFiniteLossGuard; a section may still set it back.
+        **({"logging_nan_inf_filter": False} | section),
     )
 
 
@@ -145,11 +154,16 @@ class StageRun:
 
 def start(config: StageConfig, stage: str, kind: str) -> StageRun:
     """Setup section: name the run, claim the output directory, open W&B (main process only writes)."""
+    from transformers import set_seed
+
     distributed.setup()
+    # Seed before any model is built: a new head (the reward model's score layer) is initialised from the
+    # global generator, so without this an interrupted-and-resumed run would not match an uninterrupted one.
+    set_seed(config.seed)
     run_name = config.run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     output_dir = Path(config.output_dir) if config.output_dir else rlhf_home() / run_name / stage
     run = StageRun(stage=stage, kind=kind, run_name=run_name, output_dir=output_dir.resolve(), registry=Registry())
-    resolved = scrub(to_dict(config)) | {"run_name": run_name, "output_dir": str(run.output_dir)}
+    resolved = scrub(to_dict(config)) | {"run_name": run_name, "output_dir": str(run.output_dir), "stage": stage}
     if distributed.is_main_process():
         _claim_output_dir(run, config, resolved)
     run.already_done = distributed.broadcast_object(run.already_done)
@@ -233,6 +247,48 @@ def write_model_card(run: StageRun, metrics: dict[str, Any], card: dict[str, Any
     _atomic_write(run.output_dir / "README.md", "\n".join(lines))
 
 
+def train(trainer: Any, stage: StageRun, config: StageConfig) -> Any:
+    """Train section of the TRL stages: stop at a non-finite loss; with resume=true continue from the newest
+    complete checkpoint."""
+    from stages.callbacks import NonFiniteLossGuard
+
+    trainer.add_callback(NonFiniteLossGuard(stage.stage, stage.output_dir))
+    checkpoint = last_checkpoint(stage.output_dir) if config.resume else None
+    if checkpoint:
+        print(f"{stage.stage}: resuming from {checkpoint}", flush=True)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except OSError as error:
+        if not str(getattr(error, "filename", "") or "").startswith(str(stage.output_dir)):
+            raise
+        raise _write_error(stage, "a checkpoint", error) from error
+    # trainer_state.json (the log history) in the output dir, for `rlhf report`: runs that save no
+    # checkpoints (save_strategy: "no") would otherwise keep no curves.
+    trainer.save_state()
+    return result
+
+
+def save_output(stage: StageRun, save: Any) -> None:
+    """Save section: run `save` (writes the model into the output directory); a failed write (disk full,
+    permissions) becomes one clear error, and the entry stays incomplete, so nothing half-written is loaded."""
+    try:
+        save()
+    except OSError as error:
+        raise _write_error(stage, "the model", error) from error
+    if distributed.is_main_process():
+        # A pickle of every training argument, `hub_token` included; stage_config.json holds the scrubbed config.
+        (stage.output_dir / "training_args.bin").unlink(missing_ok=True)
+
+
+def _write_error(stage: StageRun, what: str, error: OSError) -> OutputWriteError:
+    ref = stage.entry.ref if stage.entry else "its registry entry"
+    return OutputWriteError(
+        f"{stage.stage}: writing {what} to {stage.output_dir} failed ({error}); {ref} stays incomplete and no other "
+        "output was touched. Free disk space (or fix permissions), then rerun with resume=true to continue from the "
+        "last complete checkpoint."
+    )
+
+
 def print_summary(run: StageRun, metrics: dict[str, Any], card: dict[str, Any]) -> None:
     rows = [
         ("model", card.get("base", "?")),
@@ -252,6 +308,12 @@ def _claim_output_dir(run: StageRun, config: StageConfig, resolved: dict[str, An
     # A directory holding only a manifest is a run that failed before writing anything: reuse it.
     if run.output_dir.exists() and any(path.name != MANIFEST for path in run.output_dir.iterdir()):
         ready = [e for e in run.registry.list(include_builtin=False) if Path(e.path) == run.output_dir and e.status == "ready"]
+        held_stage = json.loads(manifest.read_text()).get("stage", run.stage) if manifest.exists() else run.stage
+        if config.resume and held_stage != run.stage:
+            raise OutputDirError(
+                f"{run.output_dir} holds a {held_stage} run, not a {run.stage} run; resume=true cannot continue it. "
+                "Choose another output_dir/run_name. Nothing was overwritten."
+            )
         if not config.resume:
             holder = json.loads(manifest.read_text()).get("run_name", "?") if manifest.exists() else "unknown files"
             raise OutputDirError(
@@ -306,10 +368,21 @@ def settle_after_save(stage: StageRun, config: StageConfig, base: Entry, merge_l
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest `checkpoint-N` in output_dir, for resume=true (None: start from scratch)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete `checkpoint-N` in output_dir, for resume=true (None: start from scratch).
 
-    return get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
+    HF Trainer writes a checkpoint in place and its `trainer_state.json` last (our PPO renames a finished
+    temporary directory, with `trainer_state_rank0.pt` inside), so a checkpoint without that file was cut
+    off mid-write (kill -9, disk full) and is skipped: resuming from it would load half a model.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    numbered = [path for path in output_dir.glob("checkpoint-*") if path.is_dir() and path.name.split("-", 1)[1].isdigit()]
+    for checkpoint in sorted(numbered, key=lambda path: int(path.name.split("-", 1)[1]), reverse=True):
+        if (checkpoint / "trainer_state.json").is_file() or (checkpoint / "trainer_state_rank0.pt").is_file():
+            return str(checkpoint)
+        print(f"skipping {checkpoint}: incomplete (interrupted while it was written)", flush=True)
+    return None
 
 
 def merge_adapters(base: Entry, output_dir: Path, trust_remote_code: bool, sequence_classifier: bool = False) -> None:

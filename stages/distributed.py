@@ -77,6 +77,8 @@ def resolve_deepspeed_config(path: str | None) -> str | None:
         config = json.loads(candidate.read_text())
     except json.JSONDecodeError as error:
         raise DeepSpeedConfigError(f"{candidate} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"{candidate} must hold a JSON object of DeepSpeed settings, not {type(config).__name__}")
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):

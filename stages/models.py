@@ -27,6 +27,7 @@ class ModelLoadError(RuntimeError):
 def load_tokenizer(entry: Entry, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    check_ready(entry)
     source = _builtin_spec(entry)["tokenizer"] if entry.builtin else entry.path
     source = str(REPO_ROOT / source) if entry.builtin else source
     try:
@@ -44,6 +45,7 @@ def load_tokenizer(entry: Entry, trust_remote_code: bool = False) -> Any:
 def load_causal_lm(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
+    check_ready(entry)
     if entry.builtin:
         spec = _builtin_spec(entry)
         config = _builtin_config(spec)
@@ -56,6 +58,7 @@ def load_sequence_classifier(entry: Entry, trust_remote_code: bool = False, dtyp
     """A scalar head (num_labels=1) on the entry's backbone: reward models and critics."""
     from transformers import AutoModelForSequenceClassification
 
+    check_ready(entry)
     if entry.builtin:
         spec = _builtin_spec(entry)
         config = _builtin_config(spec, num_labels=1)
@@ -75,6 +78,15 @@ def chat_template_hash(tokenizer: Any) -> str | None:
     if template is None:
         return None
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_ready(entry: Entry) -> None:
+    """Refuse an entry whose stage never finished (asked for by explicit version): its files may be half-written."""
+    if entry.status != "ready":
+        raise ModelLoadError(
+            f"{entry.ref} is {entry.status}: the stage writing {entry.path} never finished, so its files may be half-written. "
+            f"Resume that run (resume=true, same run_name/output_dir), or use a ready version ({entry.name}:latest)."
+        )
 
 
 def check_safetensors_only(path: str | Path, name: str) -> None:

@@ -103,7 +103,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     outcome = train(config, stage, policy, reference, reward_model, tokenizer, deepspeed_config)
 
     # -- save ----------------------------------------------------------------------------------
-    outcome["save"]()
+    common.save_output(stage, outcome["save"])
     # PPO's save_model already merges adapters into the actor it writes.
     if not common.settle_after_save(stage, config, base, merge_lora=config.algorithm != "ppo"):
         return {}
@@ -181,7 +181,7 @@ def _train_group(config: PolicyStageConfig, stage: common.StageRun, policy: Any,
 
 def _train_trl(trainer: Any, config: PolicyStageConfig, stage: common.StageRun, section: dict[str, Any], card_keys: tuple[str, ...]) -> dict[str, Any]:
     """Train a TRL trainer (resuming if asked) and describe the outcome for the save/register sections."""
-    result = trainer.train(resume_from_checkpoint=common.last_checkpoint(stage.output_dir) if config.resume else None)
+    result = common.train(trainer, stage, config)
     return {
         "save": lambda: trainer.save_model(str(stage.output_dir)),
         "loss": float(result.training_loss),

@@ -24,6 +24,7 @@ from typing import Any
 
 from stages.config import ConfigError, build, read_yaml, set_dotted
 from stages.registry import Registry, RegistryError, rlhf_home
+from stages.secrets import scrub_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGE_ORDER = ("sft", "reward", "policy")
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> int:
         _check_stage(stage, arguments)
     if dry_run:
         for stage, arguments in plan.items():
-            print(shlex.join(launch_command(recipe, stage, arguments)))
+            print(shlex.join(scrub_argv(launch_command(recipe, stage, arguments))))
         return 0
 
     registry, results = Registry(), []
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> int:
             results.append(_result(stage, done, seconds=done.metrics.get("recipe/seconds", done.metrics.get("seconds", 0.0))))
             continue
         command = launch_command(recipe, stage, arguments)
-        print(f"[recipe] {stage}: {shlex.join(command)}", flush=True)
+        print(f"[recipe] {stage}: {shlex.join(scrub_argv(command))}", flush=True)  # output is often kept as a log
         started = time.time()
         returncode = subprocess.run(command, env=_stage_environment(recipe, stage)).returncode
         if returncode != 0:

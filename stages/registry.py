@@ -175,8 +175,10 @@ class Registry:
         path = Path(ref).expanduser()
         if path.exists():
             if not (path / "config.json").is_file():
-                raise RegistryError(f"{path} is not a model directory (no config.json)")
+                raise RegistryError(f"{path} is not a model directory (no config.json); point `model` at a directory written by save_pretrained or a stage")
             return Entry(name=str(path), version=0, kind="base", path=str(path.resolve()))
+        if ref.startswith(("/", ".", "~")):
+            raise RegistryError(f"model path {ref} does not exist; give an existing model directory or a registry reference (`rlhf registry list`)")
         runs = {entry.run for entry in self.list(include_builtin=False)}
         if "/" in ref and ref.split("/", 1)[0] in runs:
             raise RegistryError(self._not_found(ref))  # a run's output that does not exist, not a Hub id

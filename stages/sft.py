@@ -87,10 +87,10 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     )
 
     # -- train ---------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=common.last_checkpoint(stage.output_dir) if config.resume else None)
+    result = common.train(trainer, stage, config)
 
     # -- save ----------------------------------------------------------------------------------
-    trainer.save_model(str(stage.output_dir))
+    common.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
     if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save):
         return {}
 

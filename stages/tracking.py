@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.secrets import scrub
+from stages.secrets import scrub, scrub_argv
 
 
 @dataclass
@@ -49,19 +50,24 @@ def start_run(tracking: TrackingConfig, run_name: str, job_type: str, config: di
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        project=tracking.project,
-        entity=tracking.entity,
-        group=tracking.group,
-        job_type=job_type,
-        name=run_name,
-        tags=tracking.tags or None,
-        config=scrub(config),
-        dir=str(run_dir),
-        mode=mode,
-        reinit="finish_previous",
-        settings=wandb.Settings(console="off", silent=True),
-    )
+    # W&B records the command line (sys.argv) in the run's metadata; `train.hub_token=...` must not go with it.
+    argv, sys.argv = sys.argv, sys.argv[:1] + scrub_argv(sys.argv[1:])
+    try:
+        return wandb.init(
+            project=tracking.project,
+            entity=tracking.entity,
+            group=tracking.group,
+            job_type=job_type,
+            name=run_name,
+            tags=scrub(tracking.tags) or None,
+            config=scrub(config),
+            dir=str(run_dir),
+            mode=mode,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True),
+        )
+    finally:
+        sys.argv = argv
 
 
 def run_path(run: Any | None) -> str | None:

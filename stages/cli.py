@@ -127,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     from stages.registry import Registry
 
     entry = Registry().get(args.ref)
-    config = evaluation.EvalConfig(num_prompts=args.num_prompts, seed=args.seed)
+    config = evaluation.for_entry(entry, num_prompts=args.num_prompts, seed=args.seed)  # its held-out families, its phrasings
     if entry.kind == "reward":
         from reward import evaluation as reward_evaluation
 

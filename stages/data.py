@@ -9,6 +9,10 @@ template (no `{% generation %}` markers needed) and lets TRL mask the loss to th
 Departure: in multi-turn conversations only the final assistant turn is trained on; earlier turns
 are context.
 
+A dataset with `templates:` is rephrased through a template file (stages/templates.py): each row
+gets one of the file's training phrasings, or `fanout: k` of them (k rows); held-out phrasings are
+never used. How many examples each dataset gives a stage is the mixture's business (stages/mixture.py).
+
 A malformed row is an error naming the source and row; an empty dataset is an error.
 """
 
@@ -16,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from stages import tasks
+from stages import tasks, templates
 
 SUPPORTED_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -33,11 +38,14 @@ class DataError(ValueError):
 
 @dataclass
 class DatasetSpec:
-    """One dataset of a stage's training data."""
+    """One dataset of a stage's training data (one source of its mixture, see stages/mixture.py)."""
 
     source: str = field(
         default="embedded",
         metadata={"help": "'embedded' (task generator), a local .json/.jsonl/.parquet file, or a Hub dataset name."},
+    )
+    name: str | None = field(
+        default=None, metadata={"help": "Label in the mixture report and metrics (default: 'embedded', the file stem or the Hub name)."}
     )
     split: str = field(default="train", metadata={"help": "Split to read from a file or Hub dataset."})
     format: Literal["auto", "messages", "conversations", "prompt_completion", "alpaca", "text"] = field(
@@ -48,35 +56,117 @@ class DatasetSpec:
         metadata={"help": "Column mapping, our name -> the dataset's name (e.g. {completion: answer})."},
     )
     num_examples: int | None = field(
-        default=None, metadata={"help": "Examples to take (embedded: to generate). None = all."}
+        default=None,
+        metadata={"help": "Fixed number of examples from this source (sampled; repeated if it has fewer). None = all, or its weight's share."},
+    )
+    weight: float | None = field(
+        default=None, metadata={"help": "Relative share of the stage's mixture_size (for sources without num_examples)."}
     )
     tasks: list[str] | None = field(
-        default=None, metadata={"help": "Embedded only: task families to generate (default: all)."}
+        default=None, metadata={"help": "Embedded only: task families to generate (default: all but eval.heldout_tasks)."}
     )
-    templates_per_family: int | None = field(
+    templates: str | None = field(
         default=None,
-        metadata={"help": "Embedded only: use only the first N training phrasings per family (1 = no augmentation)."},
+        metadata={
+            "help": "Instruction template file (stages/templates.py). Embedded: its phrasings (default "
+            "configs/templates/embedded_tasks.yaml); other sources: rows rephrased through it (e.g. configs/templates/alpaca.yaml)."
+        },
+    )
+    fanout: int = field(
+        default=1,
+        metadata={"help": "Phrasings per example: 1 = one training phrasing drawn per example; k = each example rendered k times, worded differently."},
+    )
+    templates_per_task: int | None = field(
+        default=None,
+        metadata={"help": "Use only the first N training phrasings per task (1 = one phrasing: the no-augmentation ablation)."},
     )
 
     def __post_init__(self) -> None:
         if self.num_examples is not None and self.num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {self.num_examples}")
+        if self.weight is not None and self.weight <= 0:
+            raise ValueError(f"weight must be positive, got {self.weight}")
+        if self.weight is not None and self.num_examples is not None:
+            raise ValueError("give a source either num_examples (a fixed count) or weight (a share of mixture_size), not both")
+        if self.fanout < 1 or (self.templates_per_task is not None and self.templates_per_task < 1):
+            raise ValueError("fanout and templates_per_task must be at least 1")
+        if self.templates_per_task is not None and self.fanout > self.templates_per_task:
+            raise ValueError(f"fanout={self.fanout} needs templates_per_task >= {self.fanout}")
+        if self.source != "embedded" and (self.fanout > 1 or self.templates_per_task) and not self.templates:
+            raise ValueError(f"{self.source}: fanout/templates_per_task rephrase rows through a template file; set templates")
+        if self.name is not None and ("/" in self.name or not self.name.strip()):
+            raise ValueError(f"name {self.name!r} must be non-empty and without '/' (it becomes a metric key)")
+        self.phrasings()  # a malformed template file stops here, at parse time
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "embedded" if self.source == "embedded" else Path(self.source).stem
+
+    def phrasings(self) -> templates.Templates | None:
+        """The checked template file of this source (None: rows are used as written)."""
+        if self.source == "embedded":
+            return tasks.load_templates(self.templates or tasks.DEFAULT_TEMPLATES)
+        return templates.load(self.templates, templates.DATASET_TASKS) if self.templates else None
 
 
-def load_sft_rows(spec: DatasetSpec, seed: int) -> list[dict[str, Any]]:
-    """Load one dataset and convert every row to prompt/completion (or text); errors name the row."""
+def load_sft_rows(spec: DatasetSpec, seed: int, count: int | None = None, heldout_tasks: list[str] | None = None) -> list[dict[str, Any]]:
+    """Load one dataset as prompt/completion (or text) rows, rephrased through its templates if it has
+    any; errors name the row. `count`: how many the mixture takes (embedded: how many to generate)."""
     if spec.source == "embedded":
-        return tasks.generate(
-            spec.num_examples or 6000,
-            seed=seed,
-            split="train",
-            families=spec.tasks,
-            templates_per_family=spec.templates_per_family,
-        )
+        return embedded_rows(spec, seed, count or 6000, heldout_tasks)
     raw_rows, where = read_rows(spec)
-    rows = [convert_sft_row(_rename(row, spec.columns), spec.format, f"{where} row {index}") for index, row in enumerate(raw_rows)]
-    if spec.num_examples is not None:
-        rows = rows[: spec.num_examples]
+    phrasings = spec.phrasings()
+    rng = random.Random(f"rephrase-{seed}")
+    rows = []
+    for index, raw in enumerate(raw_rows):
+        raw = _rename(raw, spec.columns)
+        row_format = detect_format(raw, f"{where} row {index}") if spec.format == "auto" else spec.format
+        converted = convert_sft_row(raw, row_format, f"{where} row {index}")
+        rows += _rephrase(raw, row_format, converted, phrasings, spec, rng, f"{where} row {index}") if phrasings else [converted]
+    return rows
+
+
+def embedded_rows(spec: DatasetSpec, seed: int, count: int, heldout_tasks: list[str] | None = None) -> list[dict[str, Any]]:
+    """Embedded task examples of the training split, without the held-out families."""
+    return tasks.generate(
+        count,
+        seed=seed,
+        split="train",
+        families=tasks.training_families(spec.tasks, heldout_tasks),
+        templates_per_task=spec.templates_per_task,
+        fanout=spec.fanout,
+        templates_path=spec.templates or tasks.DEFAULT_TEMPLATES,
+    )
+
+
+def token_count(tokenizer: Any, row: dict[str, Any]) -> int:
+    """Tokens of one example as the trainer sees it (chat template applied; both sides of a pair)."""
+    if "text" in row:
+        return len(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+    answers = [row[key] for key in ("completion", "chosen", "rejected") if key in row]
+    texts = [tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=False) for answer in answers]
+    if not answers:  # a prompt for online RL: the model writes the answer
+        texts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)]
+    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+
+def _rephrase(
+    raw: dict[str, Any], row_format: str, converted: dict[str, Any], phrasings: templates.Templates, spec: DatasetSpec, rng: random.Random, where: str
+) -> list[dict[str, Any]]:
+    """The row rendered through `fanout` training phrasings of its task (held-out ones never)."""
+    found = templates.dataset_values(raw, row_format, converted)
+    if found is None:
+        raise DataError(f"{where}: only rows whose prompt ends with a user message can be rephrased through {spec.templates}")
+    task, values = found
+    if task not in phrasings:
+        raise DataError(f"{where}: {spec.templates} has no phrasings for {task!r} rows (add a {task}: section)")
+    train = phrasings[task]["train"][: spec.templates_per_task]
+    rows = []
+    for index in templates.pick(rng, len(train), spec.fanout):
+        user = {"role": "user", "content": train[index].format(**values)}
+        rows.append({"prompt": converted["prompt"][:-1] + [user], "completion": converted["completion"]})
     return rows
 
 
@@ -246,8 +336,6 @@ def load_preference_rows(spec: DatasetSpec, drop_malformed: bool = False) -> tup
             dropped += 1
     if not rows:
         raise DataError(f"{where}: no usable preference pairs ({dropped} malformed)")
-    if spec.num_examples is not None:
-        rows = rows[: spec.num_examples]
     return rows, dropped
 
 

@@ -1,8 +1,13 @@
 """Held-out evaluation shared by every stage: greedy generation on embedded task prompts, exact match.
 
-Prompts come from the task generator's eval split (instances never generated for training), with
-the phrasings seen in training and, separately, the held-out phrasings. Generation is batched with
-left padding and the KV cache; decoding is greedy so numbers are comparable between stages.
+Prompts come from the task generator's eval split (instances never generated for training). Three
+scores, each with a per-family breakdown (`KEY/FAMILY`):
+- `eval/exact_match`: the trained families in the phrasings seen in training;
+- `eval/exact_match_unseen_templates`: the trained families in held-out phrasings (never trained on);
+- `eval/exact_match_unseen_tasks`: the families of `heldout_tasks`, which every stage leaves out of its
+  embedded training data (only when some are held out).
+Generation is batched with left padding and the KV cache; decoding is greedy so numbers are
+comparable between stages.
 """
 
 from __future__ import annotations
@@ -26,16 +31,54 @@ class EvalConfig:
     batch_size: int = field(default=200, metadata={"help": "Prompts per generation batch; more is faster, uses more memory."})
     seed: int = field(default=1234, metadata={"help": "Seed of the held-out prompt draw (any seed stays disjoint from training)."})
     tasks: list[str] | None = field(default=None, metadata={"help": "Task families to evaluate (default: all)."})
+    heldout_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Task families left out of the stage's embedded training data and scored separately "
+            "(eval/exact_match_unseen_tasks), e.g. [sort]."
+        },
+    )
+    templates: str | None = field(
+        default=None, metadata={"help": "Phrasings of the embedded tasks (default configs/templates/embedded_tasks.yaml): the file training used."}
+    )
     num_samples: int = field(default=8, metadata={"help": "Sample generations kept for the report and W&B table."})
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"eval.{name} must be positive")
+        self.seen_tasks()  # unknown families, or every family held out, stop here
+        tasks.load_templates(self.templates or tasks.DEFAULT_TEMPLATES)
+
+    def seen_tasks(self) -> list[str]:
+        """The evaluated families that training saw."""
+        unknown = [name for name in (self.tasks or []) + self.heldout_tasks if name not in tasks.FAMILIES]
+        if unknown:
+            raise ValueError(f"eval: unknown task family {unknown[0]!r} (known: {', '.join(tasks.FAMILIES)})")
+        seen = [name for name in self.tasks or tasks.FAMILIES if name not in self.heldout_tasks]
+        if not seen:
+            raise ValueError("eval: every evaluated task family is held out; eval/exact_match needs one that training saw")
+        return seen
 
 
-def heldout_rows(config: EvalConfig, template_set: tasks.TemplateSet = "train") -> list[dict[str, Any]]:
-    return tasks.generate(config.num_prompts, seed=config.seed, split="eval", families=config.tasks, template_set=template_set)
+def heldout_rows(config: EvalConfig, template_set: tasks.TemplateSet = "train", families: list[str] | None = None) -> list[dict[str, Any]]:
+    """Eval-split prompts of `families` (default: the trained ones) in the given phrasing set."""
+    return tasks.generate(
+        config.num_prompts,
+        seed=config.seed,
+        split="eval",
+        families=families or config.seen_tasks(),
+        template_set=template_set,
+        templates_path=config.templates or tasks.DEFAULT_TEMPLATES,
+    )
+
+
+def for_entry(entry: Any, num_prompts: int, seed: int) -> EvalConfig:
+    """The evaluation a registered model was trained for: its held-out families and template file."""
+    trained = (getattr(entry, "config", None) or {}).get("eval") or {}
+    return EvalConfig(
+        num_prompts=num_prompts, seed=seed, heldout_tasks=trained.get("heldout_tasks") or [], templates=trained.get("templates")
+    )
 
 
 @torch.no_grad()
@@ -86,19 +129,22 @@ def sample_responses(
 
 
 def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Held-out exact match overall, per task, and on unseen phrasings; plus a few samples."""
+    """Held-out exact match on seen phrasings, unseen phrasings and unseen families; plus a few samples."""
+    splits = [("eval/exact_match", "train", None), ("eval/exact_match_unseen_templates", "heldout", None)]
+    if config.heldout_tasks:
+        splits.append(("eval/exact_match_unseen_tasks", "train", config.heldout_tasks))
     metrics: dict[str, float] = {}
     samples: list[dict[str, Any]] = []
-    for template_set, key in (("train", "eval/exact_match"), ("heldout", "eval/exact_match_unseen_templates")):
-        rows = heldout_rows(config, template_set)
+    for key, template_set, families in splits:
+        rows = heldout_rows(config, template_set, families)
         responses = generate(model, tokenizer, [row["prompt"] for row in rows], config.max_new_tokens, config.batch_size)
         per_task: dict[str, list[bool]] = defaultdict(list)
         for row, response in zip(rows, responses):
             per_task[row["task"]].append(tasks.is_correct(response, row["answer"]))
         scores = [score for task_scores in per_task.values() for score in task_scores]
         metrics[key] = sum(scores) / len(scores)
-        if template_set == "train":
-            metrics |= {f"{key}/{task}": sum(s) / len(s) for task, s in sorted(per_task.items())}
+        metrics |= {f"{key}/{task}": sum(s) / len(s) for task, s in sorted(per_task.items())}
+        if key == "eval/exact_match":
             samples = [
                 {"prompt": row["prompt"][-1]["content"], "response": response, "answer": row["answer"]}
                 for row, response in list(zip(rows, responses))[: config.num_samples]

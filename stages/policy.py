@@ -27,7 +27,7 @@ import torch
 from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer, score
 from reward.verifiable import exact_answer_reward
-from stages import common, data, distributed, evaluation, models, tasks
+from stages import common, data, distributed, evaluation, mixture, models, tasks
 from stages.config import ConfigError
 from stages.ppo import PPOConfig
 from stages.registry import Registry
@@ -47,7 +47,10 @@ class PolicyStageConfig(common.StageConfig):
     critic: str | None = field(default=None, metadata={"help": "PPO critic initialisation (default: the reward model)."})
     datasets: list[data.DatasetSpec] = field(
         default_factory=lambda: [data.DatasetSpec(num_examples=3000)],
-        metadata={"help": "DPO: preference pairs; PPO/GRPO/RLOO: prompts (a 'prompt' column, optional 'answer')."},
+        metadata={"help": "DPO: preference pairs; PPO/GRPO/RLOO: prompts (a 'prompt' column, optional 'answer'). Mixed as in stages/mixture.py."},
+    )
+    mixture_size: int | None = field(
+        default=None, metadata={"help": "Total pairs (DPO) or prompts; sources with a weight share what fixed num_examples leave."}
     )
     onpolicy_negatives: bool = field(default=True, metadata={"help": "DPO on embedded data: reject the SFT model's own wrong samples."})
     verifiable_reward: bool = field(default=False, metadata={"help": "PPO/GRPO/RLOO on embedded data: add the exact-answer reward."})
@@ -66,6 +69,7 @@ class PolicyStageConfig(common.StageConfig):
             setattr(self, section, common.check_trl_section(trl_class, getattr(self, section), section, "policy config"))
         if self.algorithm in ("ppo", "grpo", "rloo") and self.reward_model is None and not self.verifiable_reward:
             raise ConfigError(f"algorithm {self.algorithm} needs reward_model (or verifiable_reward: true)")
+        mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -114,7 +118,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     # Reloaded: under ZeRO-3 the training copy is partitioned across ranks that have now exited.
     eval_reward_model = models.load_sequence_classifier(reward_entry, config.trust_remote_code) if reward_entry else None
     reward_fn = (lambda prompts, responses: score(eval_reward_model, tokenizer, prompts, responses)) if eval_reward_model else None
-    metrics: dict[str, Any] = {"train/loss": outcome["loss"], "algorithm": config.algorithm}
+    metrics: dict[str, Any] = {"train/loss": outcome["loss"], "algorithm": config.algorithm} | outcome["mixture"]
     samples: list[dict[str, Any]] = []
     if config.eval.enabled:
         eval_metrics, samples = evaluation.policy_metrics(saved, reference, tokenizer, config.eval, reward_fn)
@@ -150,11 +154,12 @@ def _train_dpo(config: PolicyStageConfig, stage: common.StageRun, policy: Any, r
         model=policy,
         ref_model=reference,  # None with LoRA: TRL then uses the adapter-disabled policy
         args=common.trl_args(DPOConfig, stage, config, config.dpo, deepspeed_config),
-        train_dataset=Dataset.from_list(pairs),
+        train_dataset=Dataset.from_list(mixture.strip_source(pairs)),
         processing_class=tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
-    return _train_trl(trainer, config, stage, config.dpo, ("loss_type", "beta", "learning_rate", "num_train_epochs"))
+    outcome = _train_trl(trainer, config, stage, config.dpo, ("loss_type", "beta", "learning_rate", "num_train_epochs"))
+    return outcome | {"mixture": _mixture_metrics(config, pairs, tokenizer)}
 
 
 def _train_group(config: PolicyStageConfig, stage: common.StageRun, policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
@@ -167,16 +172,18 @@ def _train_group(config: PolicyStageConfig, stage: common.StageRun, policy: Any,
     reward_funcs: list[Any] = [reward_model] if reward_model is not None else []
     if config.verifiable_reward:
         reward_funcs.append(exact_answer_reward)
+    rows = _prompt_rows(config)
     trainer = trainer_class(
         model=policy,
         reward_funcs=reward_funcs,
         args=common.trl_args(config_class, stage, config, section, deepspeed_config),
-        train_dataset=Dataset.from_list(_prompt_rows(config)),
+        train_dataset=Dataset.from_list(mixture.strip_source(rows)),
         processing_class=tokenizer,
         reward_processing_classes=[tokenizer if fn is reward_model else None for fn in reward_funcs],
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
-    return _train_trl(trainer, config, stage, section, ("learning_rate", "num_generations", "beta", "max_steps"))
+    outcome = _train_trl(trainer, config, stage, section, ("learning_rate", "num_generations", "beta", "max_steps"))
+    return outcome | {"mixture": _mixture_metrics(config, rows, tokenizer)}
 
 
 def _train_trl(trainer: Any, config: PolicyStageConfig, stage: common.StageRun, section: dict[str, Any], card_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -235,50 +242,58 @@ def _train_ppo(config: PolicyStageConfig, stage: common.StageRun, policy: Any, r
         "loss": history[-1]["ppo/policy_loss"] if history else float("nan"),
         "steps": trainer.num_steps,
         "card": {k: getattr(config.ppo, k) for k in ("actor_learning_rate", "kl_coef", "batch_size", "num_steps")},
+        "mixture": _mixture_metrics(config, rows, tokenizer),
     }
 
 
 # -- data ----------------------------------------------------------------------------------------
 
 def _preference_pairs(config: PolicyStageConfig, policy: Any, tokenizer: Any) -> list[dict[str, Any]]:
-    pairs: list[dict[str, Any]] = []
-    for spec in config.datasets:
+    def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
         if spec.source != "embedded":
             rows, dropped = data.load_preference_rows(spec, config.drop_malformed)
             if dropped:
                 print(f"policy: dropped {dropped} malformed pairs from {spec.source}")
-            pairs += rows
-            continue
-        rows = tasks.generate(spec.num_examples or 3000, seed=config.seed + 1, split="train", families=spec.tasks)
+            return rows
+        seed = config.seed + 1 + index
+        rows = data.embedded_rows(spec, seed, count or 3000, config.eval.heldout_tasks)
         sampled = None
         if config.onpolicy_negatives:
-            sampled = evaluation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], config.seed, config.eval.max_new_tokens)
-        generated = embedded_pairs(len(rows), config.seed, sampled_responses=sampled, rows=rows)
+            sampled = evaluation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], seed - 1, config.eval.max_new_tokens)
+        generated = embedded_pairs(len(rows), seed - 1, sampled_responses=sampled, rows=rows)
         print(f"policy: {len(generated)} embedded pairs, {sum(p['on_policy'] for p in generated)} rejecting the SFT model's own mistakes")
-        pairs += [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in generated]
-    return pairs
+        return [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in generated]
+
+    return mixture.mix(config.datasets, config.mixture_size, config.seed, load)
 
 
 def _prompt_rows(config: PolicyStageConfig) -> list[dict[str, Any]]:
     """Prompts for the online algorithms: `prompt` (messages) and, where known, `answer`."""
-    rows: list[dict[str, Any]] = []
-    for spec in config.datasets:
+
+    def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
         if spec.source == "embedded":
-            rows += [
-                {"prompt": row["prompt"], "answer": row["answer"]}
-                for row in tasks.generate(spec.num_examples or 3000, seed=config.seed + 2, split="train", families=spec.tasks)
-            ]
-            continue
+            generated = data.embedded_rows(spec, config.seed + 2 + index, count or 3000, config.eval.heldout_tasks)
+            return [{"prompt": row["prompt"], "answer": row["answer"]} for row in generated]
         raw_rows, where = data.read_rows(spec)
-        for index, raw in enumerate(raw_rows):
+        rows = []
+        for row_index, raw in enumerate(raw_rows):
             prompt = raw.get(spec.columns.get("prompt", "prompt"))
             if prompt is None:
-                raise data.DataError(f"{where} row {index}: missing column 'prompt'")
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else data.check_messages(prompt, f"{where} row {index}", "prompt")
+                raise data.DataError(f"{where} row {row_index}: missing column 'prompt'")
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else data.check_messages(prompt, f"{where} row {row_index}", "prompt")
             rows.append({"prompt": prompt, "answer": raw.get(spec.columns.get("answer", "answer"))})
+        return rows
+
+    rows = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
     if config.verifiable_reward and any(row["answer"] is None for row in rows):
         raise data.DataError("verifiable_reward needs an 'answer' for every prompt")
     return rows
+
+
+def _mixture_metrics(config: PolicyStageConfig, rows: list[dict[str, Any]], tokenizer: Any) -> dict[str, float]:
+    metrics = mixture.report(rows, [data.token_count(tokenizer, row) for row in rows], mixture.requested_shares(config.datasets, config.mixture_size))
+    print("policy: training mixture\n" + mixture.describe(metrics))
+    return metrics
 
 
 def _frozen(model: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 from reward import evaluation as reward_evaluation
 from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer
-from stages import common, data, distributed, evaluation, models, tasks
+from stages import common, data, distributed, evaluation, mixture, models
 from stages.config import ConfigError
 from stages.registry import Registry
 
@@ -35,7 +35,11 @@ class RewardStageConfig(common.StageConfig):
         default=None, metadata={"help": "Model whose tokenizer/template the RM must match and whose samples are negatives (default: model)."}
     )
     datasets: list[data.DatasetSpec] = field(
-        default_factory=lambda: [data.DatasetSpec(num_examples=4000)], metadata={"help": "Preference datasets."}
+        default_factory=lambda: [data.DatasetSpec(num_examples=4000)],
+        metadata={"help": "Preference datasets: the sources of the mixture (weights: stages/mixture.py)."},
+    )
+    mixture_size: int | None = field(
+        default=None, metadata={"help": "Total preference pairs; sources with a weight share what fixed num_examples leave."}
     )
     onpolicy_negatives: bool = field(default=True, metadata={"help": "Embedded data: use the policy's own wrong samples as rejected answers."})
     sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the on-policy samples."})
@@ -47,6 +51,7 @@ class RewardStageConfig(common.StageConfig):
         from trl import RewardConfig
 
         self.train = common.check_trl_section(RewardConfig, self.train, "train", "reward config")
+        mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -75,15 +80,17 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
 
     # -- data ----------------------------------------------------------------------------------
-    pairs: list[dict[str, Any]] = []
-    for spec in config.datasets:
+    def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
         if spec.source == "embedded":
-            pairs += _embedded_training_pairs(spec, config, policy, tokenizer)
-        else:
-            rows, dropped = data.load_preference_rows(spec, config.drop_malformed)
-            if dropped:
-                print(f"reward: dropped {dropped} malformed pairs from {spec.source}")
-            pairs += rows
+            return _embedded_training_pairs(spec, config, policy, tokenizer, config.seed + index, count or 4000)
+        rows, dropped = data.load_preference_rows(spec, config.drop_malformed)
+        if dropped:
+            print(f"reward: dropped {dropped} malformed pairs from {spec.source}")
+        return rows
+
+    pairs = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
+    mixture_metrics = mixture.report(pairs, [data.token_count(tokenizer, pair) for pair in pairs], mixture.requested_shares(config.datasets, config.mixture_size))
+    print("reward: training mixture\n" + mixture.describe(mixture_metrics))
     train_dataset = _to_dataset(pairs)
     dataset_fingerprint = data.fingerprint(pairs)
 
@@ -119,7 +126,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     saved = Registry().get(str(stage.output_dir))
     reward_model = models.load_sequence_classifier(saved)
     heldout = reward_evaluation.heldout_pairs(policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature)
-    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/pairs": len(pairs)}
+    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/pairs": len(pairs)} | mixture_metrics
     metrics |= reward_evaluation.pairwise_metrics(reward_model, tokenizer, heldout)
     samples = [
         {"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][-1]["content"], "rejected": pair["rejected"][-1]["content"]}
@@ -143,13 +150,15 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     return metrics
 
 
-def _embedded_training_pairs(spec: data.DatasetSpec, config: RewardStageConfig, policy: Any, tokenizer: Any) -> list[dict[str, Any]]:
-    rows = tasks.generate(spec.num_examples or 4000, seed=config.seed, split="train", families=spec.tasks)
+def _embedded_training_pairs(
+    spec: data.DatasetSpec, config: RewardStageConfig, policy: Any, tokenizer: Any, seed: int, count: int
+) -> list[dict[str, Any]]:
+    rows = data.embedded_rows(spec, seed, count, config.eval.heldout_tasks)
     sampled = None
     if config.onpolicy_negatives and policy is not None:
         prompts = [row["prompt"] for row in rows]
-        sampled = evaluation.sample_responses(policy, tokenizer, prompts, config.seed, config.eval.max_new_tokens, config.sample_temperature)
-    pairs = embedded_pairs(len(rows), config.seed, sampled_responses=sampled, rows=rows)
+        sampled = evaluation.sample_responses(policy, tokenizer, prompts, seed, config.eval.max_new_tokens, config.sample_temperature)
+    pairs = embedded_pairs(len(rows), seed, sampled_responses=sampled, rows=rows)
     on_policy = sum(pair["on_policy"] for pair in pairs)
     print(f"reward: {len(pairs)} embedded pairs, {on_policy} with the policy's own mistakes as the rejected answer")
     return [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
@@ -161,7 +170,7 @@ def _to_dataset(pairs: list[dict[str, Any]]) -> Any:
     has_margin = {"margin" in pair for pair in pairs}
     if has_margin == {True, False}:
         raise data.DataError("some preference datasets have margins and others do not; give all or none a margin")
-    return Dataset.from_list(pairs)
+    return Dataset.from_list(mixture.strip_source(pairs))
 
 
 if __name__ == "__main__":

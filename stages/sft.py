@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages import common, data, distributed, evaluation, models
+from stages import common, data, distributed, evaluation, mixture, models
 from stages.config import ConfigError
 from stages.registry import Registry
 
@@ -28,7 +28,11 @@ class SFTStageConfig(common.StageConfig):
     """Config of the SFT stage (configs/sft/*.yaml)."""
 
     datasets: list[data.DatasetSpec] = field(
-        default_factory=lambda: [data.DatasetSpec()], metadata={"help": "Training datasets (see stages/data.py for formats)."}
+        default_factory=lambda: [data.DatasetSpec()],
+        metadata={"help": "Training datasets: the sources of the mixture (formats: stages/data.py; weights: stages/mixture.py)."},
+    )
+    mixture_size: int | None = field(
+        default=None, metadata={"help": "Total training examples; sources with a weight share what fixed num_examples leave."}
     )
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.SFTConfig arguments (checked against its fields)."})
 
@@ -38,6 +42,7 @@ class SFTStageConfig(common.StageConfig):
         self.train = common.check_trl_section(SFTConfig, self.train, "train", "sft config")
         if not self.datasets:
             raise ConfigError("datasets must list at least one dataset")
+        mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -60,9 +65,15 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     model = models.load_causal_lm(base, config.trust_remote_code)
 
     # -- data ----------------------------------------------------------------------------------
-    rows = [row for spec in config.datasets for row in data.load_sft_rows(spec, config.seed)]
-    max_length = config.train.get("max_length", 1024)
-    rows = _drop_too_long(rows, tokenizer, max_length)
+    rows = mixture.mix(
+        config.datasets,
+        config.mixture_size,
+        config.seed,
+        lambda spec, index, count: data.load_sft_rows(spec, config.seed + index, count, config.eval.heldout_tasks),
+    )
+    rows, token_counts = _drop_too_long(rows, tokenizer, config.train.get("max_length", 1024))
+    mixture_metrics = mixture.report(rows, token_counts, mixture.requested_shares(config.datasets, config.mixture_size))
+    print("sft: training mixture\n" + mixture.describe(mixture_metrics))
     train_dataset = _to_dataset(rows)
     dataset_fingerprint = data.fingerprint(rows)
 
@@ -95,7 +106,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
         return {}
 
     # -- evaluate (on the saved model: what the next stage will load) ----------------------------
-    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/examples": len(rows)}
+    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/examples": len(rows)} | mixture_metrics
     samples: list[dict[str, Any]] = []
     if config.eval.enabled:
         adapters_only = config.lora.enabled and not config.lora.merge_on_save  # no full model on disk to reload
@@ -123,24 +134,16 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     return metrics
 
 
-def _drop_too_long(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None) -> list[dict[str, Any]]:
-    if max_length is None:
-        return rows
-    kept = []
-    for row in rows:
-        if "text" in row:
-            length = len(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
-        else:
-            text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if length <= max_length:
-            kept.append(row)
+def _drop_too_long(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows that fit `max_length`, and their token counts (for the mixture report)."""
+    lengths = [data.token_count(tokenizer, row) for row in rows]
+    kept = [(row, length) for row, length in zip(rows, lengths) if max_length is None or length <= max_length]
     dropped = len(rows) - len(kept)
     if not kept:
         raise data.DataError(f"all {len(rows)} examples are longer than train.max_length={max_length} tokens; raise max_length")
     if dropped:
         print(f"sft: dropped {dropped} of {len(rows)} examples longer than train.max_length={max_length} tokens")
-    return kept
+    return [row for row, _ in kept], [length for _, length in kept]
 
 
 def _to_dataset(rows: list[dict[str, Any]]) -> Any:

@@ -3,7 +3,9 @@
 Each example is one task *instance* (family + arguments, e.g. add 23 and 45) rendered through one
 instruction *phrasing* from `configs/templates/embedded_tasks.yaml`. Which split an instance belongs
 to is decided by a hash of the instance alone (not of the seed or the phrasing), so held-out prompts
-can never occur in training data, whatever seeds or sizes either side is generated with.
+can never occur in training data, whatever seeds or sizes either side is generated with. Held-out
+*phrasings* (the `heldout` set of the template file) and held-out *families* (`eval.heldout_tasks`,
+removed by `training_families`) are kept out of training the same way, by construction.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-import yaml
+from stages import templates
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATES = REPO_ROOT / "configs" / "templates" / "embedded_tasks.yaml"
@@ -24,7 +26,7 @@ MAX_ADDEND = 20  # sums below 40: learnable by the tiny default in its budget
 WORD_LENGTHS = (3, 6)
 
 Split = Literal["train", "eval"]
-TemplateSet = Literal["train", "heldout"]
+TemplateSet = templates.TemplateSet
 
 
 @dataclass(frozen=True)
@@ -56,40 +58,24 @@ FAMILIES: dict[str, TaskFamily] = {
 }
 
 
-def load_templates(path: str | Path = DEFAULT_TEMPLATES) -> dict[str, dict[str, list[str]]]:
-    """Read phrasings per family; an unknown family or placeholder is an error naming it."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of task family to phrasings")
-    templates: dict[str, dict[str, list[str]]] = {}
-    for family_name, sets in raw.items():
-        if family_name not in FAMILIES:
-            raise ValueError(f"{path}: unknown task family {family_name!r} (known: {', '.join(FAMILIES)})")
-        if not isinstance(sets, dict) or not isinstance(sets.get("train"), list) or not sets["train"]:
-            raise ValueError(f"{path}: {family_name} needs a non-empty 'train' list of phrasings")
-        family = FAMILIES[family_name]
-        templates[family_name] = {}
-        for set_name in ("train", "heldout"):
-            phrasings = sets.get(set_name) or []
-            for index, phrasing in enumerate(phrasings):
-                used = set(string.Formatter().parse(phrasing)) if isinstance(phrasing, str) else None
-                if used is None:
-                    raise ValueError(f"{path}: {family_name}.{set_name}[{index}] must be a string")
-                names = {name for _, name, _, _ in used if name is not None}
-                unknown = names - family.placeholders
-                if unknown:
-                    raise ValueError(
-                        f"{path}: {family_name}.{set_name}[{index}] uses unknown placeholder "
-                        f"{{{sorted(unknown)[0]}}} (allowed: {', '.join('{' + p + '}' for p in sorted(family.placeholders))})"
-                    )
-                if names != family.placeholders:
-                    raise ValueError(f"{path}: {family_name}.{set_name}[{index}] must use every placeholder of {family_name}")
-            templates[family_name][set_name] = list(phrasings)
-        unseen_in_train = set(templates[family_name]["heldout"]) & set(templates[family_name]["train"])
-        if unseen_in_train:
-            raise ValueError(f"{path}: {family_name} lists {sorted(unseen_in_train)[0]!r} as both train and heldout")
-    return templates
+def load_templates(path: str | Path = DEFAULT_TEMPLATES) -> templates.Templates:
+    """Read phrasings per family; an unknown family or placeholder is an error naming file and phrasing."""
+    return templates.load(path, {name: family.placeholders for name, family in FAMILIES.items()})
+
+
+def training_families(requested: list[str] | None, heldout: list[str] | None) -> list[str]:
+    """The families a stage may train on: those requested (default: all) minus the held-out ones."""
+    heldout = heldout or []
+    for name in (requested or []) + heldout:
+        if name not in FAMILIES:
+            raise ValueError(f"unknown task family {name!r} (known: {', '.join(FAMILIES)})")
+    clash = [name for name in requested or [] if name in heldout]
+    if clash:
+        raise ValueError(f"task family {clash[0]!r} is both requested for training and held out (eval.heldout_tasks)")
+    families = [name for name in requested or FAMILIES if name not in heldout]
+    if not families:
+        raise ValueError("every task family is held out; nothing is left to train on")
+    return families
 
 
 def instance_split(family: str, arguments: dict[str, str]) -> Split:
@@ -104,50 +90,52 @@ def generate(
     seed: int,
     split: Split = "train",
     families: list[str] | None = None,
-    template_set: TemplateSet = "train",
-    templates_per_family: int | None = None,
+    template_set: templates.TemplateSet = "train",
+    templates_per_task: int | None = None,
+    fanout: int = 1,
     templates_path: str | Path = DEFAULT_TEMPLATES,
 ) -> list[dict]:
     """Generate `num_examples` task examples, cycling through families in equal shares.
 
     Returns rows with `prompt` (user message list), `completion` (assistant message list),
-    `task`, `template` (index within its set) and `answer` (the exact string expected).
-    `templates_per_family=1` restricts training to one phrasing per family (the ablation of
-    template augmentation).
+    `task`, `template` (set/index of the phrasing) and `answer` (the exact string expected).
+    Each instance is rendered with `fanout` distinct phrasings (1: one drawn at random; k: the same
+    instance k times, worded differently). `templates_per_task=1` restricts to one phrasing per
+    family (the ablation of template augmentation).
     """
     families = families or list(FAMILIES)
     unknown = [name for name in families if name not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown task family {unknown[0]!r} (known: {', '.join(FAMILIES)})")
-    templates = load_templates(templates_path)
+    phrasings_of = load_templates(templates_path)
     rng = random.Random(f"{seed}-{split}-{template_set}")
-    rows = []
-    attempts = 0
+    rows: list[dict] = []
+    instances = attempts = 0
     while len(rows) < num_examples:
         attempts += 1
         if attempts > 1000 * max(num_examples, 1):
             raise RuntimeError("could not draw enough task instances; the task space is too small")
-        family = FAMILIES[families[len(rows) % len(families)]]
+        family = FAMILIES[families[instances % len(families)]]
         arguments = family.sample(rng)
         if instance_split(family.name, arguments) != split:
             continue
-        phrasings = templates.get(family.name, {}).get(template_set) or []
-        if templates_per_family is not None:
-            phrasings = phrasings[:templates_per_family]
+        instances += 1
+        phrasings = phrasings_of.get(family.name, {}).get(template_set) or []
+        phrasings = phrasings[:templates_per_task] if templates_per_task is not None else phrasings
         if not phrasings:
             raise ValueError(f"{templates_path}: no {template_set!r} phrasings for task family {family.name!r}")
-        template_index = rng.randrange(len(phrasings))
         answer = family.solve(arguments)
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": phrasings[template_index].format(**arguments)}],
-                "completion": [{"role": "assistant", "content": answer}],
-                "task": family.name,
-                "template": f"{template_set}/{template_index}",
-                "answer": answer,
-            }
-        )
-    return rows
+        for index in templates.pick(rng, len(phrasings), fanout):
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": phrasings[index].format(**arguments)}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                    "task": family.name,
+                    "template": f"{template_set}/{index}",
+                    "answer": answer,
+                }
+            )
+    return rows[:num_examples]
 
 
 def is_correct(response: str, answer: str) -> bool:

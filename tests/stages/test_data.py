@@ -109,23 +109,4 @@ def test_embedded_heldout_is_disjoint_from_training() -> None:
     assert tasks.generate(50, seed=3) == tasks.generate(50, seed=3)
 
 
-def test_heldout_phrasings_never_in_training() -> None:
-    templates = tasks.load_templates()
-    assert all(len(sets["train"]) >= 5 for sets in templates.values())
-    heldout_texts = [row["prompt"][0]["content"] for row in tasks.generate(500, seed=5, split="eval", template_set="heldout")]
-    train_texts = [row["prompt"][0]["content"] for row in tasks.generate(3000, seed=5)]
-    for family, sets in templates.items():
-        for phrasing in sets["heldout"]:
-            stem = phrasing.split("{")[0] or phrasing.split("}")[-1]
-            assert not any(text.startswith(stem) for text in train_texts if stem), (family, phrasing)
-    assert any(text.startswith("Tell me") for text in heldout_texts)
-
-
-def test_malformed_template_is_a_clear_error(tmp_path: Path) -> None:
-    path = tmp_path / "t.yaml"
-    path.write_text("add:\n  train:\n    - 'Add {a} and {c}.'\n")
-    with pytest.raises(ValueError, match=r"add.train\[0\] uses unknown placeholder \{c\}"):
-        tasks.load_templates(path)
-    path.write_text("divide:\n  train: ['x']\n")
-    with pytest.raises(ValueError, match="unknown task family 'divide'"):
-        tasks.load_templates(path)
+# Template files, held-out phrasings and held-out families: tests/stages/test_templates.py.

@@ -12,9 +12,12 @@ from reward.scoring import score
 from stages import evaluation, tasks
 
 
-def heldout_pairs(policy: Any | None, tokenizer: Any, num_pairs: int, seed: int, temperature: float = 1.0) -> list[dict[str, Any]]:
-    """Pairs on eval-split prompts; negatives sampled from `policy` where it errs, else corruptions."""
-    rows = tasks.generate(num_pairs, seed=seed, split="eval")
+def heldout_pairs(
+    policy: Any | None, tokenizer: Any, num_pairs: int, seed: int, temperature: float = 1.0, families: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Pairs on eval-split prompts (of `families`, default all); negatives sampled from `policy` where
+    it errs, else corruptions."""
+    rows = tasks.generate(num_pairs, seed=seed, split="eval", families=families)
     sampled = None
     if policy is not None:
         sampled = evaluation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], seed, 16, temperature)
@@ -37,6 +40,10 @@ def pairwise_metrics(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) ->
         metrics["eval/pairwise_accuracy_onpolicy"] = pairwise_accuracy(chosen[on_policy], rejected[on_policy])
     if (~on_policy).any():
         metrics["eval/pairwise_accuracy_corrupted"] = pairwise_accuracy(chosen[~on_policy], rejected[~on_policy])
+    families = [pair.get("task") for pair in pairs]
+    for family in sorted({f for f in families if f}):
+        selected = torch.tensor([f == family for f in families])
+        metrics[f"eval/pairwise_accuracy/{family}"] = pairwise_accuracy(chosen[selected], rejected[selected])
     return metrics
 
 

@@ -201,20 +201,25 @@ def policy_metrics(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The evaluation every policy algorithm reports: exact match, reward under `reward_fn` (the
     stage-2 reward model), KL to the reference, response length. Each sample also holds the
-    reference's (the SFT model's) answer to the same prompt and its reward, for the run report."""
+    reference's (the SFT model's) answer to the same prompt and its reward, for the run report.
+
+    The reference is scored on the very same prompts (`eval/ref_*`), so "did the algorithm improve on
+    its starting point" is one subtraction, free of prompt-draw and template-file differences."""
     metrics, samples = exact_match(policy, tokenizer, config)
+    reference_metrics, _ = exact_match(reference, tokenizer, config)
+    metrics |= {key.replace("eval/", "eval/ref_", 1): value for key, value in reference_metrics.items() if key.startswith("eval/exact_match")}
     rows = heldout_rows(config)
     prompts = [row["prompt"] for row in rows]
-    sample_prompts = prompts[: len(samples)]  # the samples are the first rows of the same draw
-    reference_responses = generate(reference, tokenizer, sample_prompts, config.max_new_tokens, config.batch_size)
+    reference_responses = generate(reference, tokenizer, prompts, config.max_new_tokens, config.batch_size)
     for sample, reference_response in zip(samples, reference_responses):
         sample["reference_response"] = reference_response
     if reward_fn is not None:
         responses = generate(policy, tokenizer, prompts, config.max_new_tokens, config.batch_size)
         rewards = reward_fn(prompts, responses)
+        reference_rewards = reward_fn(prompts, reference_responses)
         metrics["eval/reward_mean"] = rewards.mean().item()
-        reference_rewards = reward_fn(sample_prompts, reference_responses).tolist() if samples else []
-        for sample, reward, reference_reward in zip(samples, rewards.tolist(), reference_rewards):
+        metrics["eval/ref_reward_mean"] = reference_rewards.mean().item()
+        for sample, reward, reference_reward in zip(samples, rewards.tolist(), reference_rewards.tolist()):
             sample["reward"] = reward
             sample["reference_reward"] = reference_reward
     kl, length = kl_to_reference(policy, reference, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.seed)

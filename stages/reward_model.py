@@ -125,7 +125,9 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     # -- evaluate (on the saved model) ------------------------------------------------------------
     saved = Registry().get(str(stage.output_dir))
     reward_model = models.load_sequence_classifier(saved)
-    heldout = reward_evaluation.heldout_pairs(policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature)
+    heldout = reward_evaluation.heldout_pairs(
+        policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks
+    )
     metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/pairs": len(pairs)} | mixture_metrics
     metrics |= reward_evaluation.pairwise_metrics(reward_model, tokenizer, heldout)
     samples = [

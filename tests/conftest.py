@@ -28,3 +28,38 @@ def tiny_tokenizer():
     from stages.registry import Registry
 
     return models.load_tokenizer(Registry(os.devnull).get("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SFT model (upper-case and copy tasks, ~40 s on 2 CPU cores), trained once per session
+    for the reward and policy stage tests. Use `registered_sft` to see it as `sft:latest`."""
+    from stages import sft
+    from stages.config import load_config
+
+    root = tmp_path_factory.mktemp("tiny_sft")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RLHF_HOME", str(root / "home"))
+        patch.setenv("WANDB_MODE", "offline")
+        config = load_config(
+            sft.SFTStageConfig,
+            [
+                "--config", str(REPO_ROOT / "configs/sft/tiny.yaml"),
+                "datasets=[{source: embedded, num_examples: 3000, tasks: [upper, copy]}]",
+                "train.num_train_epochs=2", "train.learning_rate=2e-3", "train.save_steps=1000",
+                "eval.enabled=false", "tracking.report_to=none", "run_name=fixture", f"output_dir={root / 'sft'}",
+            ],
+        )
+        sft.run(config)
+    return root / "sft"
+
+
+@pytest.fixture
+def registered_sft(tiny_sft_dir: Path, isolated_home: Path) -> str:
+    """The session's tiny SFT model registered as a ready `sft` entry in this test's registry."""
+    from stages.registry import Registry
+
+    registry = Registry()
+    entry = registry.begin("sft", "sft", tiny_sft_dir, parent="tiny-llama")
+    registry.mark_ready(entry.ref)
+    return entry.ref

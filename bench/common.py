@@ -1,0 +1,190 @@
+"""What every arm shares: the two benchmark models, the data, and the measurements.
+
+Imported by arms running under both virtual environments (ours, and bench/.venv-trl111 for TRL 1.11's
+PPO), so it imports only torch, transformers, datasets and yaml, never `stages`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = ROOT / "assets" / "tiny_tokenizer"
+RESULT_MARKER = "BENCH_RESULT "
+
+# Two sizes built from configs/models/tiny-llama.yaml (same family: wide and shallow, tied embeddings, the
+# byte-level tokenizer), fp32, random init. Only the shape keys change.
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {},  # the repo's default as it is (1.4 M)
+    # DESIGN.md's PPO speed anchor ("0.67 M, hidden 128, 4 layers"), with our 261-token vocabulary.
+    "0.67m": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 4},
+    "5m": {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 6,
+           "num_key_value_heads": 6},
+    "20m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+            "num_key_value_heads": 8},
+}
+MAX_LENGTH = 128  # tokens; every generated example fits, so no arm drops or truncates anything
+
+
+def model_config(size: str, **extra: Any) -> Any:
+    from transformers import AutoConfig
+
+    config = yaml.safe_load((ROOT / "configs" / "models" / "tiny-llama.yaml").read_text())["config"]
+    config.update(MODEL_SHAPES[size])
+    return AutoConfig.for_model(**config, **extra)
+
+
+def causal_lm(size: str, seed: int = 0) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(model_config(size))
+
+
+def classifier(size: str, seed: int = 0) -> Any:
+    """A sequence-classification model with one output: reward model or critic."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(model_config(size, num_labels=1))
+
+
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total and non-embedding parameters (tied LM head counted once, as the embedding)."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"total": total, "non_embedding": total - embedding}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: deterministic, generated here, identical for every arm of a comparison
+# ---------------------------------------------------------------------------------------------------------
+def _letters(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+
+
+def _payload_length(rng: random.Random, kind: str) -> int:
+    # "variable": skewed like chat data (many short, a few long): 16 to 122 tokens a conversation, mean ~50.
+    # "uniform": every conversation exactly 60 tokens, so padding can only come from the arm itself.
+    return 3 + int(54 * rng.random() ** 2) if kind == "variable" else 25
+
+
+def sft_rows(kind: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Conversational prompt/completion rows (what stages/sft.py feeds SFTTrainer): copy a random string."""
+    rng = random.Random(f"sft-{kind}-{seed}")
+    rows = []
+    for _ in range(count):
+        text = _letters(rng, _payload_length(rng, kind))
+        rows.append({"prompt": [{"role": "user", "content": f"copy: {text}"}],
+                     "completion": [{"role": "assistant", "content": text}]})
+    return rows
+
+
+def preference_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Conversational prompt/chosen/rejected rows: the copy is chosen, a corrupted copy rejected."""
+    rng = random.Random(f"pairs-{seed}")
+    rows = []
+    for _ in range(count):
+        text = _letters(rng, _payload_length(rng, "variable"))
+        position = rng.randrange(len(text))
+        wrong = text[:position] + chr((ord(text[position]) - 97 + 1) % 26 + 97) + text[position + 1 :]
+        rows.append({"prompt": [{"role": "user", "content": f"copy: {text}"}],
+                     "chosen": [{"role": "assistant", "content": text}],
+                     "rejected": [{"role": "assistant", "content": wrong}]})
+    return rows
+
+
+def prompts(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Chat prompts for the on-policy arms (PPO, GRPO, RLOO): short instructions, 12 to 18 tokens templated."""
+    rng = random.Random(f"prompts-{seed}")
+    return [[{"role": "user", "content": f"copy: {_letters(rng, rng.randint(3, 9))}"}] for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------
+class TokenCounter:
+    """Counts what reaches the model's top-level forward during training: rows, positions (the tensor's size,
+    padding included) and real tokens (attention_mask ones; padding-free batches have no padding). A
+    gradient-checkpointing recompute runs inside the layers, so it is not counted twice. `sequence_lengths`
+    keeps each real sequence's length, for the attention term of the FLOP count."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.forwards = self.sequences = self.positions = self.real_tokens = 0
+        self.squared_lengths = 0  # sum over sequences of length**2 (attention FLOPs)
+        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():  # evaluation / reference forwards are not training tokens
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return
+        attention_mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        self.forwards += 1
+        self.positions += input_ids.numel()
+        if attention_mask is not None and attention_mask.dim() == 2:
+            lengths = attention_mask.sum(dim=1)
+        elif position_ids is not None:  # padding-free: one flat row, a new sequence wherever position 0 starts
+            flat = position_ids.flatten()
+            starts = torch.nonzero(flat == 0).flatten().tolist() + [flat.numel()]
+            lengths = torch.tensor([end - start for start, end in zip(starts, starts[1:])])
+        else:
+            lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])
+        self.sequences += len(lengths)
+        self.real_tokens += int(lengths.sum())
+        self.squared_lengths += int((lengths.long() ** 2).sum())
+
+    def summary(self) -> dict[str, int]:
+        return {"forwards": self.forwards, "sequences": self.sequences, "positions": self.positions, "real_tokens": self.real_tokens,
+                "squared_lengths": self.squared_lengths}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The one line the parent reads back: the arm's result as JSON, peak RSS added."""
+    result = dict(result, peak_rss_mb=round(peak_rss_mb(), 1), threads=torch.get_num_threads())
+    sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+class Timer:
+    """Wall-clock seconds and this process's CPU seconds (user + system, all its threads). On a shared machine
+    the wall clock includes time spent waiting for a core; the CPU seconds do not, so they are the steadier
+    measure of the work an arm needs, and the wall clock the one a user waits for."""
+
+    def __enter__(self) -> "Timer":
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started

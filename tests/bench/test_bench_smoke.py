@@ -1,0 +1,51 @@
+"""Smoke test of bench/: two SFT arms for a few steps, in this process (the bench itself starts one process per
+arm; here the imports would cost more than the arms). Asserts the result format, the table and that both arms
+did the same work; never speed (timings on a shared machine are not a test)."""
+
+import pytest
+import torch
+
+from bench import sft
+from bench.runner import Arm, Comparison, Outcome, _work_mismatches, format_outcome
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sft_arms_do_equal_work_and_print_a_ratio_table():
+    params = {"model": "tiny", "data": "variable", "examples": 16}
+    results = {}
+    for name in ("trl_defaults", "ours"):
+        result = sft.run(params | {"arm": name})
+        result["rate"], result["cpu_rate"] = result["amount"] / result["seconds"], result["amount"] / result["cpu_seconds"]
+        results[name] = [result]
+
+    defaults, ours = results["trl_defaults"][0], results["ours"][0]
+    assert defaults["work"] == ours["work"] and defaults["work"]["sequences"] == 16
+    assert defaults["amount"] == ours["amount"] == defaults["work"]["real_tokens"] > 0
+    # TRL's defaults: batch 8 with checkpointing; ours (configs/sft/tiny.yaml): batch 32 without.
+    assert defaults["optimizer_steps"] == 2 and ours["optimizer_steps"] == 1
+    assert defaults["settings"]["gradient_checkpointing"] is True and ours["settings"]["gradient_checkpointing"] is False
+    assert 0 <= ours["padding_waste"] < 1 and ours["seconds"] > 0 and ours["cpu_seconds"] > 0
+
+    comparison = Comparison(title="smoke", arms=[Arm(name, "sft", params | {"arm": name}) for name in results],
+                            baseline="trl_defaults", unit="real tok", columns=[("padding_waste", "pad waste", "{:.0%}")])
+    table = format_outcome(Outcome(comparison, results, problems=[]))
+    lines = table.splitlines()
+    assert lines[0] == "### smoke"
+    assert "x trl_defaults" in lines[1] and "real tok/CPU-s" in lines[1]
+    assert lines[3].startswith("| trl_defaults") and "1.00" in lines[3]
+    assert "work per arm (equal, checked): " in table and "PROBLEM" not in table
+
+
+def test_unequal_work_is_reported():
+    comparison = Comparison(title="t", arms=[Arm("a", "sft", {}), Arm("b", "sft", {})], baseline="a", unit="x")
+    results = {name: [{"rate": 1.0, "cpu_rate": 1.0, "work": {"tokens": tokens}}] for name, tokens in (("a", 1), ("b", 2))}
+    problems = _work_mismatches(results)
+    assert problems and "unequal work" in problems[0]
+    assert "PROBLEM: unequal work" in format_outcome(Outcome(comparison, results, problems))

@@ -97,14 +97,17 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     policy = models.load_causal_lm(base, config.trust_remote_code)
     reference = None if config.lora.enabled else _frozen(models.load_causal_lm(base, config.trust_remote_code))
 
-    # -- data, trainer, train --------------------------------------------------------------------
+    # -- data (before tracking and registration: bad data leaves no W&B run or registry entry) ---------
+    examples = _preference_pairs(config, policy, tokenizer) if config.algorithm == "dpo" else _prompt_rows(config)
+
+    # -- trainer, train ----------------------------------------------------------------------------
     common.open_tracking(stage, config)
     train = {"dpo": _train_dpo, "ppo": _train_ppo, "grpo": _train_group, "rloo": _train_group}[config.algorithm]
     common.register_start(
         stage, config, parent=base,
         tokenizer_hash=models.tokenizer_hash(tokenizer), chat_template_hash=models.chat_template_hash(tokenizer),
     )
-    outcome = train(config, stage, policy, reference, reward_model, tokenizer, deepspeed_config)
+    outcome = train(config, stage, examples, policy, reference, reward_model, tokenizer, deepspeed_config)
 
     # -- save ----------------------------------------------------------------------------------
     common.save_output(stage, outcome["save"])
@@ -145,11 +148,11 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
 
 # -- algorithms ----------------------------------------------------------------------------------
 
-def _train_dpo(config: PolicyStageConfig, stage: common.StageRun, policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
+def _train_dpo(config: PolicyStageConfig, stage: common.StageRun, examples: list[dict[str, Any]], policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    pairs = _preference_pairs(config, policy, tokenizer)
+    pairs = examples
     trainer = DPOTrainer(
         model=policy,
         ref_model=reference,  # None with LoRA: TRL then uses the adapter-disabled policy
@@ -162,7 +165,7 @@ def _train_dpo(config: PolicyStageConfig, stage: common.StageRun, policy: Any, r
     return outcome | {"mixture": _mixture_metrics(config, pairs, tokenizer)}
 
 
-def _train_group(config: PolicyStageConfig, stage: common.StageRun, policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
+def _train_group(config: PolicyStageConfig, stage: common.StageRun, examples: list[dict[str, Any]], policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
     """GRPO or RLOO through TRL, rewarded by the stage-2 reward model (and optionally the verifier)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -172,7 +175,7 @@ def _train_group(config: PolicyStageConfig, stage: common.StageRun, policy: Any,
     reward_funcs: list[Any] = [reward_model] if reward_model is not None else []
     if config.verifiable_reward:
         reward_funcs.append(exact_answer_reward)
-    rows = _prompt_rows(config)
+    rows = examples
     trainer = trainer_class(
         model=policy,
         reward_funcs=reward_funcs,
@@ -197,7 +200,7 @@ def _train_trl(trainer: Any, config: PolicyStageConfig, stage: common.StageRun, 
     }
 
 
-def _train_ppo(config: PolicyStageConfig, stage: common.StageRun, policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
+def _train_ppo(config: PolicyStageConfig, stage: common.StageRun, examples: list[dict[str, Any]], policy: Any, reference: Any, reward_model: Any, tokenizer: Any, deepspeed_config: str | None) -> dict[str, Any]:
     from reward.models import load_critic
     from stages import tracking
     from stages.ppo import PPOTrainer
@@ -210,7 +213,7 @@ def _train_ppo(config: PolicyStageConfig, stage: common.StageRun, policy: Any, r
         from peft import get_peft_model
 
         policy = get_peft_model(policy, config.lora.peft_config("CAUSAL_LM"))
-    rows = _prompt_rows(config)
+    rows = examples
     # The trainer hands reward functions the chat-formatted prompt text; key the answers the same way.
     answers = {tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False): row.get("answer") for row in rows}
 

@@ -80,6 +80,10 @@ class PPOConfig:
     temperature: float = _help("Sampling temperature; log-probs use the same scaling.", 1.0)
     top_p: float = _help("Nucleus sampling; below 1 the PPO ratio is only approximately on-policy.", 1.0)
     missing_eos_penalty: float | None = _help("Subtracted from the (normalised) score of responses without eos.", None)
+    reward_model_coef: float = _help(
+        "Weight of the reward model's score in the episode score (the reward function, if any, has weight 1). "
+        "Below 1 leans on a verifiable reward when the reward model is weak.", 1.0
+    )
     gather_params_for_generation: bool = _help(
         "ZeRO-3: gather the whole actor for generate (fast; needs the actor in memory) instead of layer by layer.", True
     )
@@ -126,7 +130,7 @@ class PPOConfig:
         for name in ("num_steps", "total_episodes", "missing_eos_penalty", "reward_clip", "early_stop_approx_kl",
                      "sample_table_every", "save_steps", "save_total_limit"):
             require(getattr(self, name) is None or getattr(self, name) > 0, name, "positive or null")
-        for name in ("weight_decay", "kl_coef", "vf_coef", "entropy_coef"):
+        for name in ("weight_decay", "kl_coef", "vf_coef", "entropy_coef", "reward_model_coef"):
             require(getattr(self, name) >= 0, name, ">= 0")
         for name in ("gamma", "lam"):
             require(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
@@ -390,7 +394,7 @@ class PPOTrainer:
         if self.reward_forward is not None:
             last_positions = prompt_len + ppo_math.last_token_index(response_mask)
             rows = torch.arange(len(raw_scores), device=self.device)
-            raw_scores += self.reward_forward(**inputs)[rows, last_positions]
+            raw_scores += config.reward_model_coef * self.reward_forward(**inputs)[rows, last_positions]
         if self.reward_fn is not None:
             function_scores = torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).to(self.device)
             if function_scores.shape != raw_scores.shape:

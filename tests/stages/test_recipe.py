@@ -93,3 +93,41 @@ def test_recipe_zero3_with_ppo(isolated_home: Path) -> None:
         assert entry.status == "ready"
         loader = models.load_sequence_classifier if stage["stage"] == "reward" else models.load_causal_lm
         assert loader(entry) is not None  # a consolidated, loadable checkpoint, not DeepSpeed shards
+
+
+@pytest.mark.slow
+def test_recipe_killed_during_reward_stage_resumes_without_rerunning_sft(isolated_home: Path) -> None:
+    """kill -9 of the whole recipe (launcher and ranks) once the reward stage has written a checkpoint;
+    resume=true must skip SFT (still version 1), continue the reward stage and finish the summary."""
+    import signal
+    import time
+
+    arguments = [
+        "run", "configs/recipes/tiny.yaml", "run_name=kr", *SHORT,
+        "reward.datasets=[{source: embedded, num_examples: 512}]", "reward.train.save_steps=2",
+    ]
+    environment = dict(os.environ, RLHF_HOME=str(isolated_home), PYTHONPATH=str(REPO_ROOT), WANDB_MODE="offline")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.cli", *arguments], env=environment, cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    checkpoint = isolated_home / "kr" / "reward" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "the reward stage never wrote its first checkpoint"
+    assert not (isolated_home / "kr" / "summary.json").exists() or len(_summary(isolated_home, "kr")["stages"]) < 3
+
+    again = _rlhf(*arguments, "resume=true", home=isolated_home)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "sft: kr/sft:1 is already ready; skipping" in again.stdout
+    assert "reward: resuming from" in again.stdout and "checkpoint-" in again.stdout, again.stdout[-3000:]
+    summary = _summary(isolated_home, "kr")
+    assert [s["stage"] for s in summary["stages"]] == ["sft", "reward", "policy"]
+    assert summary["stages"][0]["registry"] == "kr/sft:1"
+    assert "eval/pairwise_accuracy" in summary["stages"][1]["metrics"]
+    from stages.registry import Registry
+
+    assert [e.version for e in Registry(isolated_home).list(include_builtin=False) if e.name == "kr/sft"] == [1]

@@ -7,17 +7,29 @@ ratios are taken within a repeat. See bench/README.md for what each suite measur
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import os
 import sys
-import time
-from pathlib import Path
 
-import torch
+from bench.environment import arm_environment
 
-from bench import dpo, mfu, ppo, reward, sft
-from bench.runner import format_outcome, run_comparison
+
+def _threads(argv: list[str]) -> int:
+    return int(argv[argv.index("--threads") + 1]) if "--threads" in argv[:-1] else 1
+
+
+# Before torch and transformers are imported: arms are forked from this process and inherit what they read.
+os.environ.update(arm_environment(_threads(sys.argv)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench import dpo, mfu, ppo, reward, sft  # noqa: E402
+from bench.runner import format_outcome, preload, run_comparison  # noqa: E402
 
 SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu}
 
@@ -40,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {args.suite}{' --quick' if args.quick else ''}, {repeats} repeat(s), {args.threads} thread(s) per arm;"
           f" {platform.processor() or platform.machine()}, {_cpu_count()} CPUs visible, load average {_load()}", flush=True)
     started, outcomes = time.perf_counter(), []
+    preload()
     for name in SUITES if args.suite == "all" else [args.suite]:
         options = {"before": args.ppo_before} if name == "ppo" and args.ppo_before else {}
         for comparison in SUITES[name].comparisons(args.quick, **options):

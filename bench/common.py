@@ -37,6 +37,21 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
 MAX_LENGTH = 128  # tokens; every generated example fits, so no arm drops or truncates anything
 
 
+def stage_settings(config: str, section: str, drop: set[str]) -> dict[str, Any]:
+    """A stage config's TRL section (minus `drop`), plus the stage keys that change how TRL trains: what
+    common.trl_args adds, and `length_grouping` (our batch sampler; see `trainer_class`)."""
+    loaded = yaml.safe_load((ROOT / "configs" / config).read_text())
+    settings = {key: value for key, value in loaded[section].items() if key not in drop}
+    return {"logging_nan_inf_filter": False, "length_grouping": loaded.get("length_grouping", 0)} | settings
+
+
+def trainer_class(trl_class: type, settings: dict[str, Any]) -> type:
+    """The trainer an arm runs: pops `length_grouping` (not a TRL argument) and applies it as the stage does."""
+    from stages.batching import length_grouped
+
+    return length_grouped(trl_class, settings.pop("length_grouping", 0))
+
+
 def model_config(size: str, **extra: Any) -> Any:
     from transformers import AutoConfig
 

@@ -13,16 +13,13 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-import yaml
-
 from bench import common
 from bench.runner import Arm, Comparison
 from bench.sft import SCHEDULE_KEYS
 
 
 def our_settings() -> dict[str, Any]:
-    section = yaml.safe_load((common.ROOT / "configs" / "policy" / "tiny_dpo.yaml").read_text())["dpo"]
-    return {"logging_nan_inf_filter": False} | {key: value for key, value in section.items() if key not in SCHEDULE_KEYS}
+    return common.stage_settings("policy/tiny_dpo.yaml", "dpo", SCHEDULE_KEYS)
 
 
 ARM_SETTINGS = {
@@ -37,6 +34,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     settings = ARM_SETTINGS[params["arm"]]()
+    trainer_class = common.trainer_class(DPOTrainer, settings)  # takes length_grouping out of settings
     model, reference = common.causal_lm(params["model"], seed=0), common.causal_lm(params["model"], seed=0)
     rows = common.preference_rows(params["pairs"], seed=0)
     counter = common.TokenCounter(model)
@@ -44,7 +42,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         with common.Timer() as setup:
             args = DPOConfig(output_dir=output_dir, report_to=[], save_strategy="no", num_train_epochs=1, seed=0,
                              disable_tqdm=True, **settings)
-            trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+            trainer = trainer_class(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=common.tokenizer())
         with common.Timer() as timer:
             trainer.train()
@@ -63,7 +61,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparisons(quick: bool) -> list[Comparison]:
-    pairs = 32 if quick else 128
+    pairs = 32 if quick else 96
     arms = [Arm(name, "dpo", {"arm": name, "model": "5m", "pairs": pairs}) for name in ARM_SETTINGS]
     return [Comparison(
         title=f"DPO, 5m model, {pairs} pairs x 1 epoch (constructor incl. precompute + train)", arms=arms,

@@ -10,16 +10,13 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-import yaml
-
 from bench import common
 from bench.runner import Arm, Comparison
 from bench.sft import SCHEDULE_KEYS
 
 
 def our_settings() -> dict[str, Any]:
-    section = yaml.safe_load((common.ROOT / "configs" / "reward" / "tiny.yaml").read_text())["train"]
-    return {"logging_nan_inf_filter": False} | {key: value for key, value in section.items() if key not in SCHEDULE_KEYS}
+    return common.stage_settings("reward/tiny.yaml", "train", SCHEDULE_KEYS)
 
 
 ARM_SETTINGS = {"trl_defaults": lambda: {"bf16": False, "use_cpu": True}, "ours": our_settings}
@@ -30,6 +27,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
 
     settings = ARM_SETTINGS[params["arm"]]()
+    trainer_class = common.trainer_class(RewardTrainer, settings)  # takes length_grouping out of settings
     model = common.classifier(params["model"], seed=0)
     tokenizer = common.tokenizer()
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token (as the stage does)
@@ -38,7 +36,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         with common.Timer() as setup:
             args = RewardConfig(output_dir=output_dir, report_to=[], save_strategy="no", num_train_epochs=1, seed=0,
                                 disable_tqdm=True, **settings)
-            trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+            trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
         counter = common.TokenCounter(model)
         with common.Timer() as timer:
             trainer.train()
@@ -56,7 +54,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparisons(quick: bool) -> list[Comparison]:
-    pairs = 64 if quick else 256
+    pairs = 64 if quick else 128
     arms = [Arm(name, "reward", {"arm": name, "model": "5m", "pairs": pairs}) for name in ARM_SETTINGS]
     return [Comparison(
         title=f"Reward model, 5m model, {pairs} pairs x 1 epoch", arms=arms, baseline="trl_defaults", unit="pairs",

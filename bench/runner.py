@@ -1,7 +1,8 @@
 """Parent side: run every arm in a fresh subprocess with pinned threads, alternate arms, repeat, summarise.
 
-Each repeat runs every arm of a comparison once, in a rotated order (A B C, B C A, ...), so slow drift of a
-shared machine's load falls on every arm alike; ratios are taken within a repeat, then summarised (median
+Each arm run is a fresh process: forked from the parent after the heavy imports (see `preload`), or
+started from scratch when the arm has its own interpreter. Each repeat runs every arm of a comparison
+once, in a rotated order (A B C, B C A, ...), so slow drift of a shared machine's load falls on every arm alike; ratios are taken within a repeat, then summarised (median
 and min-max over repeats). Arms of one comparison must report the same `work` (checked; a mismatch is
 printed and makes the command exit non-zero), or their ratio would mean nothing.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import RESULT_MARKER, ROOT
+from bench.environment import arm_environment
 
 
 @dataclass
@@ -45,21 +47,82 @@ class Outcome:
     problems: list[str]
 
 
+def preload() -> None:
+    """Import what our arms import, once, in the parent, so that each forked arm starts with them loaded.
+
+    Importing torch + transformers + TRL costs 8-12 s per process on this machine; with ~70 arm runs that
+    alone would take over the bench's 15-minute budget. The parent runs no tensor work (so no OpenMP
+    thread pool exists to be broken by fork) and must have arm_environment() in os.environ before this.
+    """
+    import datasets  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+    from trl import DPOConfig, DPOTrainer, GRPOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer  # noqa: F401
+
+    import stages.ppo  # noqa: F401
+
+
 def run_arm(arm: Arm, threads: int, timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               PYTHONWARNINGS="ignore", BENCH_THREADS=str(threads))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    command = [arm.python or sys.executable, "-m", "bench.child", arm.suite, json.dumps(arm.params)]
+    """One run of one arm in a fresh process: forked from this (preloaded) one, or, for an arm with its own
+    interpreter (TRL 1.11's virtual environment), started from scratch."""
     started = time.perf_counter()
-    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if process.returncode != 0 or not lines:
-        tail = "\n".join((process.stdout + process.stderr).splitlines()[-25:])
-        raise RuntimeError(f"arm {arm.name} ({arm.suite}) failed with exit code {process.returncode}:\n{tail}")
+    if arm.python is None:
+        returncode, output = _forked(arm, threads, timeout)
+    else:
+        env = dict(os.environ, **arm_environment(threads))
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        command = [arm.python, "-m", "bench.child", arm.suite, json.dumps(arm.params)]
+        process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        returncode, output = process.returncode, process.stdout + process.stderr
+    lines = [line for line in output.splitlines() if line.startswith(RESULT_MARKER)]
+    if returncode != 0 or not lines:
+        tail = "\n".join(output.splitlines()[-25:])
+        raise RuntimeError(f"arm {arm.name} ({arm.suite}) failed with exit code {returncode}:\n{tail}")
     result = json.loads(lines[-1][len(RESULT_MARKER):])
     result["process_seconds"] = time.perf_counter() - started
     return result
+
+
+def _forked(arm: Arm, threads: int, timeout: float) -> tuple[int, str]:
+    """Run `arm` in a forked child (fresh allocator, caches and thread pool; imports shared); its output."""
+    import importlib
+    import signal
+    import tempfile
+    import traceback
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        pid = os.fork()
+        if pid == 0:  # the arm
+            code = 1
+            try:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                os.environ.update(arm_environment(threads))
+                from bench import common
+
+                common.set_threads(threads)
+                common.emit(importlib.import_module(f"bench.{arm.suite}").run(arm.params))
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported to the parent through the log
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(f"arm {arm.name}", timeout)
+            time.sleep(0.05)
+        log.seek(0)
+        return os.waitstatus_to_exitcode(status), log.read()
 
 
 def run_comparison(comparison: Comparison, repeats: int, threads: int, timeout: float) -> Outcome:

@@ -4,8 +4,9 @@ Arms (each one epoch over the same rows, same model init, same order seed):
 - trl_defaults: `SFTConfig()` as shipped (batch 8, gradient checkpointing on, max_length 1024, no packing),
   except bf16=False and use_cpu=True, which a CPU run needs (TRL 1.16 defaults bf16 to True).
 - ours: the `train:` section of configs/sft/tiny.yaml, read at run time, so the bench follows the stage.
-- ours+group_by_length, ours+packing, ours+padding_free: the same with length-grouped batches
-  (train_sampling_strategy), TRL's BFD packing (which implies padding-free) or padding-free batches alone.
+  With its top-level `length_grouping` (stages/batching.py), as the stage applies it.
+- ours+length_grouping, ours+packing, ours+padding_free: the same with length-grouped batches
+  (`length_grouping: 4`), TRL's BFD packing (which implies padding-free) or padding-free batches alone.
 Both datasets come from bench/common.py: "variable" (16 to 122 tokens, mean 49, skewed short) and "uniform" (60 each).
 Timed: `trainer.train()` only; the dataset preparation in the constructor is reported as setup_seconds.
 """
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import tempfile
 from typing import Any
-
-import yaml
 
 from bench import common
 from bench.runner import Arm, Comparison
@@ -26,8 +25,7 @@ SCHEDULE_KEYS = {"num_train_epochs", "max_steps", "save_strategy", "save_steps",
 
 def our_settings() -> dict[str, Any]:
     """configs/sft/tiny.yaml's TRL section, without its schedule and I/O keys, plus what common.trl_args adds."""
-    section = yaml.safe_load((common.ROOT / "configs" / "sft" / "tiny.yaml").read_text())["train"]
-    return {"logging_nan_inf_filter": False} | {key: value for key, value in section.items() if key not in SCHEDULE_KEYS}
+    return common.stage_settings("sft/tiny.yaml", "train", SCHEDULE_KEYS)
 
 
 def trl_default_settings() -> dict[str, Any]:
@@ -37,8 +35,8 @@ def trl_default_settings() -> dict[str, Any]:
 ARM_SETTINGS = {
     "trl_defaults": trl_default_settings,
     "ours": our_settings,
-    # Length-grouped batches (transformers' LengthGroupedSampler): little padding, no attention over packs.
-    "ours+group_by_length": lambda: our_settings() | {"train_sampling_strategy": "group_by_length"},
+    # Ours with length-grouped batches (stages/batching.py, groups of 4 batches): what the sampler buys.
+    "ours+length_grouping": lambda: our_settings() | {"length_grouping": 4},
     "ours+packing": lambda: our_settings() | {"packing": True},
     # padding-free without packing leaves max_length unenforced: TRL requires max_length=None (every row fits).
     "ours+padding_free": lambda: our_settings() | {"padding_free": True, "max_length": None},
@@ -51,12 +49,13 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     settings = ARM_SETTINGS[params["arm"]]()
+    trainer_class = common.trainer_class(SFTTrainer, settings)  # takes length_grouping out of settings
     model = common.causal_lm(params["model"], seed=0)
     rows = common.sft_rows(params["data"], params["examples"], seed=0)
     with tempfile.TemporaryDirectory() as output_dir, common.Timer() as setup:
         args = SFTConfig(output_dir=output_dir, report_to=[], save_strategy="no", num_train_epochs=1, seed=0,
                          disable_tqdm=True, **settings)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+        trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=common.tokenizer())
     counter = common.TokenCounter(model)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -82,8 +81,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 def comparisons(quick: bool) -> list[Comparison]:
     result = []
     # Uniform data has no padding to remove: only the packing arm shows what packing costs on its own there.
-    for data, examples, names in (("variable", 64 if quick else 256, list(ARM_SETTINGS)),
-                                  ("uniform", 64 if quick else 128, ["trl_defaults", "ours", "ours+packing"])):
+    for data, examples, names in (("variable", 64 if quick else 192, list(ARM_SETTINGS)),
+                                  ("uniform", 64 if quick else 96, ["trl_defaults", "ours", "ours+packing"])):
         arms = [Arm(name, "sft", {"arm": name, "model": "5m", "data": data, "examples": examples}) for name in names]
         result.append(Comparison(
             title=f"SFT, {data}-length data, 5m model, {examples} examples x 1 epoch",

@@ -70,6 +70,13 @@ class StageConfig:
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run in output_dir from its last checkpoint."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repositories' own Python code. Off unless you trust it."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. deepspeed_configs/zero3.json (needs the deepspeed launcher)."})
+    length_grouping: int = field(
+        default=0,
+        metadata={
+            "help": "SFT/reward/DPO: sort each group of N batches by length, then shuffle all batches (less padding; "
+            "0: random batches). See stages/batching.py."
+        },
+    )
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA adapters."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation."})
     tracking: tracking.TrackingConfig = field(default_factory=tracking.TrackingConfig, metadata={"help": "W&B."})

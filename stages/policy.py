@@ -27,7 +27,7 @@ import torch
 from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer, score
 from reward.verifiable import exact_answer_reward
-from stages import common, data, distributed, evaluation, mixture, models, tasks
+from stages import batching, common, data, distributed, evaluation, mixture, models, tasks
 from stages.config import ConfigError
 from stages.ppo import PPOConfig
 from stages.registry import Registry
@@ -70,6 +70,8 @@ class PolicyStageConfig(common.StageConfig):
         if self.algorithm in ("ppo", "grpo", "rloo") and self.reward_model is None and not self.verifiable_reward:
             raise ConfigError(f"algorithm {self.algorithm} needs reward_model (or verifiable_reward: true)")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
+        if self.length_grouping < 0:
+            raise ConfigError(f"length_grouping must be 0 (off) or a number of batches, not {self.length_grouping}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -153,7 +155,7 @@ def _train_dpo(config: PolicyStageConfig, stage: common.StageRun, examples: list
     from trl import DPOConfig, DPOTrainer
 
     pairs = examples
-    trainer = DPOTrainer(
+    trainer = batching.length_grouped(DPOTrainer, config.length_grouping)(
         model=policy,
         ref_model=reference,  # None with LoRA: TRL then uses the adapter-disabled policy
         args=common.trl_args(DPOConfig, stage, config, config.dpo, deepspeed_config),

@@ -21,7 +21,7 @@ from typing import Any
 from reward import evaluation as reward_evaluation
 from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer
-from stages import common, data, distributed, evaluation, mixture, models
+from stages import batching, common, data, distributed, evaluation, mixture, models
 from stages.config import ConfigError
 from stages.registry import Registry
 
@@ -52,6 +52,8 @@ class RewardStageConfig(common.StageConfig):
 
         self.train = common.check_trl_section(RewardConfig, self.train, "train", "reward config")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
+        if self.length_grouping < 0:
+            raise ConfigError(f"length_grouping must be 0 (off) or a number of batches, not {self.length_grouping}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -98,7 +100,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
 
     common.open_tracking(stage, config)
-    trainer = RewardTrainer(
+    trainer = batching.length_grouped(RewardTrainer, config.length_grouping)(
         model=model,
         args=common.trl_args(RewardConfig, stage, config, config.train, deepspeed_config),
         train_dataset=train_dataset,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages import common, data, distributed, evaluation, mixture, models
+from stages import batching, common, data, distributed, evaluation, mixture, models
 from stages.config import ConfigError
 from stages.registry import Registry
 
@@ -43,6 +43,8 @@ class SFTStageConfig(common.StageConfig):
         if not self.datasets:
             raise ConfigError("datasets must list at least one dataset")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
+        if self.length_grouping < 0:
+            raise ConfigError(f"length_grouping must be 0 (off) or a number of batches, not {self.length_grouping}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     common.open_tracking(stage, config)
-    trainer = SFTTrainer(
+    trainer = batching.length_grouped(SFTTrainer, config.length_grouping)(
         model=model,
         args=common.trl_args(SFTConfig, stage, config, config.train, deepspeed_config),
         train_dataset=train_dataset,

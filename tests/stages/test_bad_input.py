@@ -140,6 +140,7 @@ CASES = [
     case("wrong-type", lambda c: c.sft("seed=forty-two"), "ConfigError", ["configs/sft/tiny.yaml", "seed must be an integer", "'forty-two'"]),
     case("wrong-type-in-file", lambda c: c.sft(config=c.file("bad_type.yaml", "eval:\n  num_prompts: many\n")),
      "ConfigError", ["bad_type.yaml", "eval.num_prompts must be an integer"]),
+    case("negative-length-grouping", lambda c: c.sft("length_grouping=-1"), "ConfigError", ["length_grouping", "-1"]),
     case("missing-required-value", _recipe_without_policy, "ConfigError", ["recipe.yaml", "missing required value for policy"]),
     case("config-file-not-found", lambda c: c.sft(config=str(c.tmp / "nope.yaml")), "ConfigError", ["config file not found", "nope.yaml"]),
     case("config-not-yaml", lambda c: c.sft(config=c.file("broken.yaml", "train: [unclosed\n")), "ConfigError", ["broken.yaml", "not valid YAML"]),

@@ -56,6 +56,8 @@ STEPS, PAUSE_AT = 6, 3
 TRAIN = ["num_train_epochs=1", "per_device_train_batch_size=16", "warmup_steps=0", "logging_steps=1", "save_steps=2", "save_total_limit=1"]
 STAGES = {
     "sft": ("stages.sft", "configs/sft/tiny.yaml", "train", ["eval.enabled=false"]),
+    # Length-grouped batches (stages/batching.py): the resumed run must see the same batch order.
+    "sft_grouped": ("stages.sft", "configs/sft/tiny.yaml", "train", ["eval.enabled=false", "length_grouping=2"]),
     "reward": ("stages.reward_model", "configs/reward/tiny.yaml", "train", ["model=tiny-llama", "onpolicy_negatives=false", "heldout_pairs=16"]),
     "dpo": ("stages.policy", "configs/policy/tiny_dpo.yaml", "dpo", ["model=tiny-llama", "reward_model=null", "onpolicy_negatives=false", "eval.enabled=false"]),
 }

@@ -61,7 +61,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparisons(quick: bool) -> list[Comparison]:
-    pairs = 32 if quick else 96
+    pairs = 32 if quick else 64
     arms = [Arm(name, "dpo", {"arm": name, "model": "5m", "pairs": pairs}) for name in ARM_SETTINGS]
     return [Comparison(
         title=f"DPO, 5m model, {pairs} pairs x 1 epoch (constructor incl. precompute + train)", arms=arms,

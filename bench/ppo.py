@@ -123,7 +123,7 @@ def _source_at(revision: str) -> str:
 def comparisons(quick: bool, before: str | None = None) -> list[Comparison]:
     from bench import trl111_env
 
-    steps = 2 if quick else 4
+    steps = 2 if quick else 3
     python = str(trl111_env.ensure())
     columns = [("generation_share", "generation", "{:.0%}"), ("scoring_share", "scoring", "{:.0%}"),
                ("training_share", "training", "{:.0%}"), ("response_length", "resp. len", "{:.1f}"),

@@ -54,7 +54,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparisons(quick: bool) -> list[Comparison]:
-    pairs = 64 if quick else 128
+    pairs = 64 if quick else 96
     arms = [Arm(name, "reward", {"arm": name, "model": "5m", "pairs": pairs}) for name in ARM_SETTINGS]
     return [Comparison(
         title=f"Reward model, 5m model, {pairs} pairs x 1 epoch", arms=arms, baseline="trl_defaults", unit="pairs",

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Sampler
 
-# Columns of the tokenized datasets of TRL's SFT, reward and DPO trainers.
-_SEQUENCE_COLUMNS = ("input_ids",)
+# Token columns of TRL's tokenized datasets: SFT has input_ids; reward and DPO have the pair's two sides
+# (DPO also prompt_input_ids).
 _PAIR_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
 
 

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run stages/ppo.py as of this git revision (arm ours@REVISION): before/after in one run")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's raw result here")
     args = parser.parse_args(argv)
+    if args.json:  # before the runs, so a long run never fails at the very end on a missing folder
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     repeats = args.repeats or (1 if args.quick else 3)
     keep = set(args.arms.split(",")) if args.arms else None
 

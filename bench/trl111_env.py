@@ -1,13 +1,15 @@
 """The separate virtual environment holding TRL 1.11, the last TRL release that ships a PPOTrainer
-(`trl.experimental.ppo`). Created on first use under bench/.venv-trl111 (gitignored), with the same torch,
-transformers, accelerate and datasets versions as ours, so TRL is the only difference.
+(`trl.experimental.ppo`). Created on first use under bench/.venv-trl111 (gitignored): TRL 1.11 alone
+(no dependencies) in its own site-packages, and every other package from this environment through a .pth
+file read after it. So torch, transformers, accelerate and datasets are ours by construction, TRL is the
+only difference, and creating it takes seconds instead of re-installing torch.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from importlib import metadata
+import sysconfig
 from pathlib import Path
 
 VENV = Path(__file__).resolve().parent / ".venv-trl111"
@@ -20,12 +22,16 @@ def ensure() -> Path:
     check = [str(PYTHON), "-c", f"import trl; assert trl.__version__ == {TRL_VERSION!r}; import trl.experimental.ppo"]
     if PYTHON.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return PYTHON
-    print(f"bench: creating {VENV} (TRL {TRL_VERSION}; a few minutes, once)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(PYTHON), "-m", "pip", "install", "-q"]
-    # torch first, pinned to ours: asking for it through the other packages would resolve a multi-GB CUDA build.
-    subprocess.run(pip + [f"torch=={metadata.version('torch').split('+')[0]}"], check=True)
-    pinned = [f"{name}=={metadata.version(name)}" for name in ("transformers", "accelerate", "datasets")]
-    subprocess.run(pip + [f"trl=={TRL_VERSION}", *pinned], check=True)
+    print(f"bench: creating {VENV} (TRL {TRL_VERSION} over this environment's packages; once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(VENV)], check=True)
+    # TRL first, without dependencies; the .pth after it, so pip never sees (or touches) our TRL 1.16.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(PYTHON), "install", "-q", "--no-deps", f"trl=={TRL_VERSION}"], check=True
+    )
+    ours = sysconfig.get_paths()["purelib"]
+    theirs = subprocess.run([str(PYTHON), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    # addsitedir appends (after the venv's own site-packages) and reads that folder's .pth files too.
+    (Path(theirs) / "_rlhf_stages_packages.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
     subprocess.run(check, check=True)
     return PYTHON

@@ -122,9 +122,12 @@ def parse_args(config_class: type, argv: list[str] | None) -> tuple[Any, bool]:
     """Parse a stage's command line; `--check` validates the config (and its DeepSpeed file) and stops."""
     import sys
 
-    from stages.config import load_config
+    from stages.config import load_config, usage, wants_help
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(usage(config_class, "--config FILE.yaml [key=value ...] [--check]"))
+        sys.exit(0)
     check_only = "--check" in argv
     config = load_config(config_class, [argument for argument in argv if argument != "--check"])
     if check_only:

@@ -124,6 +124,24 @@ def field_help(cls: type) -> dict[str, str]:
     return {field.name: field.metadata.get("help", "") for field in dataclasses.fields(cls)}
 
 
+def wants_help(argv: list[str]) -> bool:
+    return any(argument in ("-h", "--help") for argument in argv)
+
+
+def usage(cls: type, command: str) -> str:
+    """`--help` text: the command line, then every top-level key with its default and help."""
+    lines = [f"usage: {command}", "", "keys (in the YAML file or as key=value; dotted keys reach sections):"]
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = "see the shipped configs"
+        else:
+            default = "required"
+        lines.append(f"  {field.name:<22} {field.metadata.get('help', '')} [{default}]")
+    return "\n".join(lines)
+
+
 def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     config_path = None
     overrides: list[str] = []

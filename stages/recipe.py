@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from stages.config import ConfigError, build, read_yaml, set_dotted
+from stages.config import ConfigError, build, read_yaml, set_dotted, usage, wants_help
 from stages.registry import Registry, RegistryError, rlhf_home
 from stages.secrets import scrub_argv
 
@@ -47,9 +47,9 @@ class RecipeConfig:
     """A whole pipeline (configs/recipes/*.yaml). Keys under sft/reward/policy that are not StageEntry
     fields are overrides of that stage's config, so `policy.algorithm=ppo` works on the command line."""
 
-    sft: StageEntry
-    reward: StageEntry
-    policy: StageEntry
+    sft: StageEntry = field(metadata={"help": "config: FILE, optional deepspeed/num_processes, other keys override the stage config."})
+    reward: StageEntry = field(metadata={"help": "As sft, for the reward-model stage."})
+    policy: StageEntry = field(metadata={"help": "As sft, for the policy stage (e.g. policy.algorithm=ppo)."})
     run_name: str | None = field(default=None, metadata={"help": "Run name (default: recipe name + timestamp)."})
     stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER), metadata={"help": "Stages to run, in order."})
     num_processes: int = field(default=2, metadata={"help": "Processes (GPUs, or CPU ranks) per node."})
@@ -123,6 +123,9 @@ def launch_command(recipe: RecipeConfig, stage: str, arguments: list[str]) -> li
 
 
 def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(usage(RecipeConfig, "rlhf run RECIPE.yaml [key=value ...] [--dry-run]"))
+        return 0
     dry_run = "--dry-run" in argv
     argv = [argument for argument in argv if argument != "--dry-run"]
     if not argv or "=" in argv[0]:

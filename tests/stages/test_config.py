@@ -97,3 +97,16 @@ def test_every_yaml_opens_with_its_command() -> None:
     for path in list(root.glob("sft/*.yaml")) + list(root.glob("reward/*.yaml")) + list(root.glob("policy/*.yaml")) + list(root.glob("recipes/*.yaml")):
         first = path.read_text().splitlines()[0]
         assert first.startswith("# rlhf "), f"{path} should open with the command that runs it"
+
+
+def test_help_lists_the_keys_instead_of_failing(capsys: pytest.CaptureFixture[str]) -> None:
+    from stages import cli
+
+    assert cli.main(["run", "--help"]) == 0
+    recipe_help = capsys.readouterr().out
+    assert "usage: rlhf run RECIPE.yaml" in recipe_help and "resume" in recipe_help and "hostfile" in recipe_help
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["reward", "-h"])
+    assert exited.value.code == 0
+    stage_help = capsys.readouterr().out
+    assert "heldout_pairs" in stage_help and "length_grouping" in stage_help

@@ -243,7 +243,9 @@ def _train_ppo(config: PolicyStageConfig, stage: common.StageRun, examples: list
     )
     history = trainer.train(resume=config.resume)
     return {
-        "save": lambda: trainer.save_model(stage.output_dir),
+        # The output directory is this stage's (claimed by common.start); on resume it may hold the model that
+        # the interrupted run wrote before it could register it.
+        "save": lambda: trainer.save_model(stage.output_dir, overwrite=True),
         "loss": history[-1]["ppo/policy_loss"] if history else float("nan"),
         "steps": trainer.num_steps,
         "card": {k: getattr(config.ppo, k) for k in ("actor_learning_rate", "kl_coef", "batch_size", "num_steps")},

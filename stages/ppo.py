@@ -612,13 +612,18 @@ class PPOTrainer:
             self.step_history = [json.loads(line) for line in history_file.read_text().splitlines() if line]
         return int(state["step"])
 
-    def save_model(self, path: str | os.PathLike) -> None:
+    def save_model(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write the actor as a plain Hugging Face model (safetensors; LoRA adapters merged) with the tokenizer,
         through a temporary directory whose files are then moved in. `path` may exist (the stage's output
-        directory holds its manifest and checkpoints) but must not hold a model already. Under DeepSpeed every
-        process must call it (ZeRO-3 gathers the weights); process 0 writes."""
+        directory holds its manifest and checkpoints) but must not hold a model already, unless `overwrite`
+        (the stage resuming a run that died after saving, before registering). Under DeepSpeed every process
+        must call it (ZeRO-3 gathers the weights); process 0 writes."""
         path = Path(path)
-        if (path / "config.json").exists():
+        exists = (path / "config.json").exists() and not overwrite
+        # Every process looks before process 0 writes: a slower process would otherwise find the new model
+        # and refuse (a ZeRO-2 race seen under the launcher). All of them raise, or none.
+        self._barrier()
+        if exists:
             raise FileExistsError(f"{path} already holds a model: save_model never overwrites a model")
         temporary = path.with_name(f".{path.name}.tmp")
         gathered = (self.deepspeed.zero.GatheredParameters(list(self.actor.parameters())) if self.zero_stage == 3

@@ -268,6 +268,12 @@ def test_save_model_writes_a_loadable_checkpoint_with_merged_adapters(tokenizer,
     assert AutoTokenizer.from_pretrained(tmp_path / "final").chat_template == tokenizer.chat_template
     with pytest.raises(FileExistsError):
         trainer.save_model(tmp_path / "final")
+    # The stage resuming a run that died after saving, before registering: overwrite, loadable again.
+    trainer.save_model(tmp_path / "final", overwrite=True)
+    assert not (tmp_path / ".final.tmp").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, actor(ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

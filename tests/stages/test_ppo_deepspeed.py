@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = textwrap.dedent(
     """
     import sys
+    import time
     from pathlib import Path
 
     import torch
@@ -52,6 +53,8 @@ DRIVER = textwrap.dedent(
     assert trainer.world_size == 2
     if trainer.rank == 0:
         assert len(steps) == 2, steps
+    if trainer.rank == 1:  # the slower rank must not find rank 0's fresh model and refuse (a ZeRO-2 race once seen)
+        time.sleep(3)
     trainer.save_model(output_dir / "final")
 
     # Resume under DeepSpeed: new engines around freshly built models load checkpoint-2 and run step 3.

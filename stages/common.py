@@ -126,7 +126,9 @@ def parse_args(config_class: type, argv: list[str] | None) -> tuple[Any, bool]:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
-        print(usage(config_class, "--config FILE.yaml [key=value ...] [--check]"))
+        module = config_class.__module__  # stages.sft, stages.reward_model, stages.policy
+        command = f"python -m {module} --config FILE.yaml [key=value ...] [--check]   (also: rlhf {module.split('.')[-1].split('_')[0]} ...)"
+        print(usage(config_class, command))
         sys.exit(0)
     check_only = "--check" in argv
     config = load_config(config_class, [argument for argument in argv if argument != "--check"])

@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench import dpo, mfu, ppo, reward, sft  # noqa: E402
+from bench import common, dpo, mfu, ppo, reward, sft  # noqa: E402
 from bench.runner import format_outcome, preload, run_comparison  # noqa: E402
 
 SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu}
@@ -44,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before an arm is abandoned")
     parser.add_argument("--ppo-before", default=None, metavar="REVISION",
                         help="also run stages/ppo.py as of this git revision (arm ours@REVISION): before/after in one run")
+    parser.add_argument("--ppo-models", default="tiny", metavar="SIZES",
+                        help="PPO comparisons on these models: tiny (the default model), 0.67m (DESIGN.md's anchor shape);"
+                             " default tiny, which keeps `all` under 15 minutes")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's raw result here")
     args = parser.parse_args(argv)
     if args.json:  # before the runs, so a long run never fails at the very end on a missing folder
         args.json.parent.mkdir(parents=True, exist_ok=True)
+    unknown = set(args.ppo_models.split(",")) - set(common.MODEL_SHAPES)
+    if unknown:
+        parser.error(f"--ppo-models: unknown {', '.join(sorted(unknown))}; known: {', '.join(common.MODEL_SHAPES)}")
     repeats = args.repeats or (1 if args.quick else 3)
     keep = set(args.arms.split(",")) if args.arms else None
 
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     started, outcomes = time.perf_counter(), []
     preload()
     for name in SUITES if args.suite == "all" else [args.suite]:
-        options = {"before": args.ppo_before} if name == "ppo" and args.ppo_before else {}
+        options = {"before": args.ppo_before, "models": args.ppo_models.split(",")} if name == "ppo" else {}
         for comparison in SUITES[name].comparisons(args.quick, **options):
             if keep is not None:
                 comparison.arms = [arm for arm in comparison.arms if arm.name in keep]

@@ -120,7 +120,7 @@ def _source_at(revision: str) -> str:
     return str(path)
 
 
-def comparisons(quick: bool, before: str | None = None) -> list[Comparison]:
+def comparisons(quick: bool, before: str | None = None, models: list[str] | None = None) -> list[Comparison]:
     from bench import trl111_env
 
     steps = 2 if quick else 3
@@ -130,7 +130,7 @@ def comparisons(quick: bool, before: str | None = None) -> list[Comparison]:
                ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
     result = []
     # "tiny": the repo's default model (bench/ppo_speed.py's old setting); "0.67m": DESIGN.md's anchor model.
-    for model in ("tiny",) if quick else ("tiny", "0.67m"):
+    for model in ["tiny"] if quick else (models or ["tiny"]):
         params = {"model": model, "steps": steps}
         arms = [Arm("trl111_no_gc", "trl111_ppo", params | {"arm": "trl111_no_gc", "gradient_checkpointing": False},
                     python=python),

@@ -216,6 +216,8 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             return value
         return build(annotation, value if value is not None else {}, source, prefix=key + ".")
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if value is False and "no" in {member.value for member in annotation}:
+            value = "no"  # YAML 1.1 reads an unquoted `no` as false: `save_strategy: no` means "no"
         try:
             annotation(value)
             return value  # validated; kept as written so saved configs stay plain YAML/JSON

@@ -5,6 +5,11 @@ deepspeed launcher and no accelerator present, accelerate 1.15 picks none, the w
 and DeepSpeed's batch-size check fails (`8 != 8 * 1 * 2`). Choosing gloo (multi-CPU) in exactly that
 case is enough for ZeRO-2/3 to train on CPU ranks. Delete `_patch_accelerate_for_cpu_ranks` once
 accelerate selects gloo for CPU-only DeepSpeed ranks itself.
+
+On the same hosts DeepSpeed 0.19 compiles a shared-memory all-reduce kernel the first time its comm
+backend starts (45 s on this 2-core machine, once per machine). Only tensor-parallel inference uses it;
+ZeRO's gradient and parameter traffic goes through torch.distributed (gloo). `_skip_shm_kernel` skips
+the build on CPU ranks.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def setup() -> None:
     """Call first in every stage: makes HF Trainer + DeepSpeed work on CPU-only ranks."""
     if is_distributed_launch() and not torch.cuda.is_available():
         _patch_accelerate_for_cpu_ranks()
+        _skip_shm_kernel()
 
 
 def is_distributed_launch() -> bool:
@@ -115,3 +121,11 @@ def _patch_accelerate_for_cpu_ranks() -> None:
 
     PartialState._prepare_backend = _prepare_backend
     _patched = True
+
+
+def _skip_shm_kernel() -> None:
+    import importlib
+
+    # By module name: the attribute `deepspeed.comm.torch` is the torch package that deepspeed.comm imports.
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None  # the backend then takes its gloo path for every collective

@@ -1,8 +1,9 @@
 """Run a recipe: its stages in order, each as its own process tree under the deepspeed launcher.
 
 Each stage's output is registered as `<run>/<stage>` and the next stage's model references point at
-it, so no paths are written by hand. The runner imports no stage module: it validates each stage's
-config by running the stage with `--check`, then launches it, then reads the registry for results.
+it, so no paths are written by hand. The runner imports no stage module: one child process validates
+every stage's config with the stage's own `--check`, then each stage is launched, then the runner
+reads the registry for results.
 With `resume=true`, stages already registered ready are skipped and an interrupted stage continues
 from its last checkpoint.
 
@@ -28,6 +29,7 @@ from stages.secrets import scrub_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGE_ORDER = ("sft", "reward", "policy")
+CHECK_STAGES = "--check-stages"  # `python -m stages.recipe --check-stages PLAN_JSON`: see _check_stages
 STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy"}
 SUMMARY_METRICS = ("eval/exact_match", "eval/pairwise_accuracy", "eval/reward_mean", "eval/kl_to_ref")
 
@@ -132,8 +134,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("usage: rlhf run RECIPE.yaml [key=value ...] [--dry-run]")
     recipe, run_name = load_recipe(argv[0], argv[1:])
     plan = {stage: stage_arguments(recipe, run_name, stage) for stage in recipe.stages}
-    for stage, arguments in plan.items():  # every config is checked before any compute is spent
-        _check_stage(stage, arguments)
+    _check_stages(plan)  # every config is checked before any compute is spent
     if dry_run:
         for stage, arguments in plan.items():
             print(shlex.join(scrub_argv(launch_command(recipe, stage, arguments))))
@@ -148,6 +149,8 @@ def main(argv: list[str]) -> int:
             print(f"[recipe] {stage}: {done.ref} is already ready; skipping (resume=true)", flush=True)
             results.append(_result(stage, done, seconds=done.metrics.get("recipe/seconds", done.metrics.get("seconds", 0.0))))
             continue
+        # An entry that exists but is not ready is an interrupted attempt this launch continues.
+        resumed = recipe.resume and any(entry.name == name for entry in registry.list(include_builtin=False))
         command = launch_command(recipe, stage, arguments)
         print(f"[recipe] {stage}: {shlex.join(scrub_argv(command))}", flush=True)  # output is often kept as a log
         started = time.time()
@@ -161,7 +164,8 @@ def main(argv: list[str]) -> int:
         if entry is None:
             raise RuntimeError(f"stage {stage} exited cleanly but registered no ready entry {name}")
         seconds = round(time.time() - started, 1)  # wall clock, launcher start-up included
-        registry.update(entry.ref, metrics=entry.metrics | {"recipe/seconds": seconds})
+        # After a resume, the seconds are this attempt's only (an interrupted one's end is unknown): say so.
+        entry = registry.update(entry.ref, metrics=entry.metrics | {"recipe/seconds": seconds} | ({"recipe/resumed": 1.0} if resumed else {}))
         results.append(_result(stage, entry, seconds=seconds))
     _write_summary(summary_path, run_name, results)
     print_table(results)
@@ -173,7 +177,7 @@ def main(argv: list[str]) -> int:
 def print_table(results: list[dict[str, Any]]) -> None:
     header = ["stage", "algorithm", "registry", "seconds", *[key.split("/", 1)[1] for key in SUMMARY_METRICS]]
     rows = [header] + [
-        [r["stage"], r.get("algorithm") or "-", r["registry"], f"{r['seconds']:.0f}",
+        [r["stage"], r.get("algorithm") or "-", r["registry"], f"{r['seconds']:.0f}" + (" (resumed)" if r.get("resumed") else ""),
          *[f"{r['metrics'][key]:.3f}" if key in r["metrics"] else "-" for key in SUMMARY_METRICS]]
         for r in results
     ]
@@ -193,14 +197,30 @@ def _write_report(run_name: str) -> None:
         print(f"[recipe] warning: no report ({type(error).__name__}: {error}); retry with `rlhf report {run_name}`", file=sys.stderr)
 
 
-def _check_stage(stage: str, arguments: list[str]) -> None:
+def _check_stages(plan: dict[str, list[str]]) -> None:
+    """Each stage's `--check`, all in one child process: one start of torch/transformers/TRL, not one
+    per stage (that was 21 of the default recipe's first seconds)."""
     result = subprocess.run(
-        [sys.executable, "-m", STAGE_MODULES[stage], *arguments, "--check"],
+        [sys.executable, "-m", "stages.recipe", CHECK_STAGES, json.dumps(plan)],
         capture_output=True, text=True, env=_stage_environment_plain(),
     )
     if result.returncode != 0:
-        message = (result.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("rlhf: error: ")
-        raise ConfigError(f"recipe stage {stage}: {message}")
+        raise ConfigError((result.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("rlhf: error: "))
+
+
+def _check_stages_in_this_process(plan_json: str) -> None:
+    """The child side of `_check_stages`."""
+    import importlib
+
+    from stages.common import USER_ERRORS
+
+    for stage, arguments in json.loads(plan_json).items():
+        try:
+            importlib.import_module(STAGE_MODULES[stage]).main([*arguments, "--check"])
+        except Exception as error:  # noqa: BLE001 - user errors get the stage's name, the rest propagate
+            if not any(kind.__name__ in USER_ERRORS for kind in type(error).__mro__):
+                raise
+            raise ConfigError(f"recipe stage {stage}: {error}") from None
 
 
 def _ready_entry(registry: Registry, name: str) -> Any:
@@ -220,7 +240,7 @@ def _result(stage: str, entry: Any, seconds: float) -> dict[str, Any]:
         "output_dir": entry.path,
         "seconds": round(seconds, 1),
         "metrics": metrics,
-    }
+    } | ({"resumed": True} if entry.metrics.get("recipe/resumed") else {})
 
 
 def _write_summary(path: Path, run_name: str, results: list[dict[str, Any]]) -> None:
@@ -274,3 +294,9 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == [CHECK_STAGES]:
+    from stages.common import run_main
+
+    run_main(lambda: _check_stages_in_this_process(sys.argv[2]))

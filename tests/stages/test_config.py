@@ -84,6 +84,18 @@ def test_trl_section_is_checked_against_trl_fields(tmp_path: Path) -> None:
         load_config(SFTStageConfig, ["--config", path, "train.output_dir=/tmp/x"])
 
 
+def test_unquoted_no_means_the_no_strategy(tmp_path: Path) -> None:
+    """YAML 1.1 reads `no` as false; HF's interval strategies spell "off" as "no"."""
+    from stages.sft import SFTStageConfig
+
+    path = _write(tmp_path, "train:\n  eval_strategy: no\n")
+    config = load_config(SFTStageConfig, ["--config", path, "train.save_strategy=no"])
+    assert config.train["save_strategy"] == "no"
+    assert config.train["eval_strategy"] == "no"
+    with pytest.raises(ConfigError, match="train.save_strategy=True"):
+        load_config(SFTStageConfig, ["--config", path, "train.save_strategy=yes"])
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).resolve().parents[2].glob("configs/sft/*.yaml")))
 def test_every_shipped_sft_yaml_parses(path: str) -> None:
     from stages.sft import SFTStageConfig

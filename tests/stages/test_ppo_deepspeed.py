@@ -28,7 +28,10 @@ DRIVER = textwrap.dedent(
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from stages import distributed
     from stages.ppo import PPOConfig, PPOTrainer
+
+    distributed.setup()  # as every stage does first: no 45 s shared-memory kernel build on CPU ranks
 
     arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--local_rank")]  # added by the launcher
     root, deepspeed_config, output_dir, gather = Path(arguments[0]), arguments[1], Path(arguments[2]), arguments[3] == "gather"

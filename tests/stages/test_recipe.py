@@ -128,6 +128,8 @@ def test_recipe_killed_during_reward_stage_resumes_without_rerunning_sft(isolate
     assert [s["stage"] for s in summary["stages"]] == ["sft", "reward", "policy"]
     assert summary["stages"][0]["registry"] == "kr/sft:1"
     assert "eval/pairwise_accuracy" in summary["stages"][1]["metrics"]
+    # the reward stage's seconds are its resumed attempt only, and the summary says so
+    assert [s.get("resumed", False) for s in summary["stages"]] == [False, True, False]
     from stages.registry import Registry
 
     assert [e.version for e in Registry(isolated_home).list(include_builtin=False) if e.name == "kr/sft"] == [1]

@@ -164,12 +164,12 @@ def _key_metric(metrics: dict[str, Any]) -> str:
 
 def _guarded(action: Any) -> int:
     """Known user errors print one clear line instead of a traceback."""
-    from stages.common import USER_ERRORS
+    from stages.common import is_user_error
 
     try:
         result = action()
     except Exception as error:  # noqa: BLE001 - re-raised unless it is a known user error
-        if not any(kind.__name__ in USER_ERRORS for kind in type(error).__mro__):
+        if not is_user_error(error):
             raise
         print(f"rlhf: error: {error}", file=sys.stderr)
         return 2

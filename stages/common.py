@@ -138,6 +138,11 @@ def parse_args(config_class: type, argv: list[str] | None) -> tuple[Any, bool]:
     return config, check_only
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Bad input the user can fix (named in USER_ERRORS), as opposed to a bug that deserves a traceback."""
+    return any(kind.__name__ in USER_ERRORS for kind in type(error).__mro__)
+
+
 def run_main(main: Any) -> None:
     """`python -m stages.X` entry: user errors exit 2 with one clear line."""
     import sys
@@ -145,7 +150,7 @@ def run_main(main: Any) -> None:
     try:
         main()
     except Exception as error:  # noqa: BLE001 - re-raised unless it is a known user error
-        if not any(kind.__name__ in USER_ERRORS for kind in type(error).__mro__):
+        if not is_user_error(error):
             raise
         print(f"rlhf: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -212,13 +212,13 @@ def _check_stages_in_this_process(plan_json: str) -> None:
     """The child side of `_check_stages`."""
     import importlib
 
-    from stages.common import USER_ERRORS
+    from stages.common import is_user_error
 
     for stage, arguments in json.loads(plan_json).items():
         try:
             importlib.import_module(STAGE_MODULES[stage]).main([*arguments, "--check"])
         except Exception as error:  # noqa: BLE001 - user errors get the stage's name, the rest propagate
-            if not any(kind.__name__ in USER_ERRORS for kind in type(error).__mro__):
+            if not is_user_error(error):
                 raise
             raise ConfigError(f"recipe stage {stage}: {error}") from None
 

@@ -2,7 +2,8 @@
 
 Arms (one epoch over the same pairs, same init): trl_defaults = `RewardConfig()` (batch 8, gradient
 checkpointing on) with bf16=False and use_cpu=True; ours = the `train:` section of configs/reward/tiny.yaml
-(batch 32, checkpointing off, center_rewards_coefficient 0.01). Timed: `trainer.train()`.
+(batch 32, checkpointing off). Both arms train the classifier head: this compares trainer settings, not
+the config's `head: likelihood` (reward/likelihood.py). Timed: `trainer.train()`.
 """
 
 from __future__ import annotations

@@ -49,11 +49,12 @@ def pairwise_metrics(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) ->
 
 def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) -> dict[str, float]:
     """`rlhf eval` on a reward entry: held-out pairs, with on-policy negatives from its parent model if registered."""
+    from reward.models import load_reward
     from stages import models
     from stages.registry import Registry, RegistryError
 
     tokenizer = models.load_tokenizer(entry)
-    reward_model = models.load_sequence_classifier(entry)
+    reward_model = load_reward(entry)
     policy = None
     if entry.parent:
         try:

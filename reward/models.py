@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from reward import likelihood
 from stages import models
-from stages.registry import Registry
+from stages.registry import Entry, Registry
 
 
-def load_reward_model(ref: str, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, entry) of a reward model (kind `reward`) or any model given a scalar head."""
-    entry = Registry().get(ref)
-    return models.load_sequence_classifier(entry, trust_remote_code), models.load_tokenizer(entry, trust_remote_code), entry
+def load_reward(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> Any:
+    """A registered reward model with either head: a sequence classifier (`head: classifier`) or a causal LM
+    read through its likelihood (`head: likelihood`, recorded in its config.json). Both return
+    `.logits` of shape (batch, 1) and are read the same way by scoring, PPO and TRL's trainers."""
+    if not entry.builtin and likelihood.is_likelihood_head(entry.path):
+        model = models.load_causal_lm(entry, trust_remote_code, dtype)
+        model.__class__ = likelihood.reward_class(type(model))
+        return model
+    return models.load_sequence_classifier(entry, trust_remote_code, dtype)
 
 
 def load_critic(ref: str, trust_remote_code: bool = False) -> Any:
-    """A value model initialised from `ref` (a reward model by default, or an SFT model: fresh head)."""
+    """A value model initialised from `ref` (a reward model by default, or an SFT model: fresh head).
+
+    A likelihood-head reward model is a causal LM, so its critic is its backbone with a fresh value head."""
     entry = Registry().get(ref)
     return models.load_sequence_classifier(entry, trust_remote_code)

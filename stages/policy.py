@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from reward.pairs import embedded_pairs
+from reward.models import load_reward
 from reward.scoring import check_same_tokenizer, score
 from reward.verifiable import exact_answer_reward
 from stages import batching, common, data, distributed, evaluation, mixture, models, tasks
@@ -94,7 +95,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     reward_model = None
     if reward_entry is not None:
         check_same_tokenizer(tokenizer, models.load_tokenizer(reward_entry), f"policy {base.name!r}", f"reward model {reward_entry.ref!r}")
-        reward_model = models.load_sequence_classifier(reward_entry, config.trust_remote_code)
+        reward_model = load_reward(reward_entry, config.trust_remote_code)
         reward_model.requires_grad_(False)
     policy = models.load_causal_lm(base, config.trust_remote_code)
     reference = None if config.lora.enabled else _frozen(models.load_causal_lm(base, config.trust_remote_code))
@@ -121,7 +122,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     saved = models.load_causal_lm(Registry().get(str(stage.output_dir)))
     reference = models.load_causal_lm(base, config.trust_remote_code)
     # Reloaded: under ZeRO-3 the training copy is partitioned across ranks that have now exited.
-    eval_reward_model = models.load_sequence_classifier(reward_entry, config.trust_remote_code) if reward_entry else None
+    eval_reward_model = load_reward(reward_entry, config.trust_remote_code) if reward_entry else None
     reward_fn = (lambda prompts, responses: score(eval_reward_model, tokenizer, prompts, responses)) if eval_reward_model else None
     metrics: dict[str, Any] = {"train/loss": outcome["loss"], "algorithm": config.algorithm} | outcome["mixture"]
     samples: list[dict[str, Any]] = []

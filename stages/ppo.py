@@ -177,6 +177,8 @@ class _TokenScores(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "token_scores"):  # a likelihood-head reward model (reward/likelihood.py)
+            return self.model.token_scores(input_ids, attention_mask, position_ids).float()
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return self.model.score(hidden.last_hidden_state).squeeze(-1).float()

@@ -2,7 +2,9 @@
 
 What it implements: a sequence-classification head (num_labels=1) on the SFT model's backbone,
 trained with the Bradley-Terry pairwise loss (margins when the data has them, optional reward
-centring), optional LoRA with the score head trained in full. The embedded data pairs the correct
+centring), optional LoRA with the score head trained in full. `head: likelihood` instead scores a
+response by its log-likelihood under a copy of the SFT model trained with the same loss
+(reward/likelihood.py says why the embedded default uses it). The embedded data pairs the correct
 answer against the SFT model's own sampled mistakes (on-policy negatives) or, where it was right, a
 plausible corruption. Evaluation is on held-out pairs: prompts from the eval split, negatives
 sampled afresh. The RM keeps the policy's tokenizer and chat template, checked before training.
@@ -16,9 +18,11 @@ Run:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from reward import evaluation as reward_evaluation
+from reward import likelihood
+from reward.models import load_reward
 from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer
 from stages import batching, common, data, distributed, evaluation, mixture, models
@@ -41,6 +45,10 @@ class RewardStageConfig(common.StageConfig):
     mixture_size: int | None = field(
         default=None, metadata={"help": "Total preference pairs; sources with a weight share what fixed num_examples leave."}
     )
+    head: Literal["classifier", "likelihood"] = field(
+        default="classifier",
+        metadata={"help": "classifier: a scalar head on the last token; likelihood: the response's log-likelihood (reward/likelihood.py)."},
+    )
     onpolicy_negatives: bool = field(default=True, metadata={"help": "Embedded data: use the policy's own wrong samples as rejected answers."})
     sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the on-policy samples."})
     drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed pairs with a count instead of stopping."})
@@ -52,6 +60,11 @@ class RewardStageConfig(common.StageConfig):
 
         self.train = common.check_trl_section(RewardConfig, self.train, "train", "reward config")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
+        if self.head == "likelihood" and self.train.get("center_rewards_coefficient") is not None:
+            raise ConfigError(
+                "train.center_rewards_coefficient does not apply to head: likelihood (its scores are log-likelihoods, "
+                "which centring would push towards 0, i.e. towards likelier answers); remove it"
+            )
         if self.length_grouping < 0:
             raise ConfigError(f"length_grouping must be 0 (off) or a number of batches, not {self.length_grouping}")
 
@@ -78,8 +91,11 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     if tokenizer.chat_template is None:
         raise ConfigError(f"model {config.model!r} has no chat template; preference pairs are chat conversations")
     policy = models.load_causal_lm(policy_entry, config.trust_remote_code) if policy_entry.kind != "base" or policy_entry.builtin else None
-    model = models.load_sequence_classifier(base, config.trust_remote_code)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    if config.head == "likelihood":
+        model = likelihood.as_reward_model(models.load_causal_lm(base, config.trust_remote_code), tokenizer)
+    else:
+        model = models.load_sequence_classifier(base, config.trust_remote_code)
+        model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
 
     # -- data ----------------------------------------------------------------------------------
     def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
@@ -105,7 +121,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         args=common.trl_args(RewardConfig, stage, config, config.train, deepspeed_config),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=config.lora.peft_config("SEQ_CLS", modules_to_save=["score"]) if config.lora.enabled else None,
+        peft_config=_peft_config(config),
     )
     common.register_start(
         stage,
@@ -121,12 +137,15 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
 
     # -- save ----------------------------------------------------------------------------------
     common.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
-    if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=True):
+    classifier = config.head == "classifier"
+    if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=classifier):
         return {}
+    if not classifier:
+        likelihood.mark_checkpoint(stage.output_dir, tokenizer)  # also after a LoRA merge, which saves a plain LM
 
     # -- evaluate (on the saved model) ------------------------------------------------------------
     saved = Registry().get(str(stage.output_dir))
-    reward_model = models.load_sequence_classifier(saved)
+    reward_model = load_reward(saved)
     heldout = reward_evaluation.heldout_pairs(
         policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks
     )
@@ -146,9 +165,11 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         card={
             "base": base.ref if not base.builtin else base.name,
             "data": f"{len(pairs)} preference pairs (fingerprint {dataset_fingerprint})",
-            "config": {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "center_rewards_coefficient")},
+            "config": {"head": config.head}
+            | {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "center_rewards_coefficient")},
             "steps": trainer.state.global_step,
-            "auto_class": "AutoModelForSequenceClassification",
+            # A likelihood-head RM is a plain causal LM; reward.models.load_reward reads it as a reward model.
+            "auto_class": "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM",
         },
     )
     return metrics
@@ -166,6 +187,14 @@ def _embedded_training_pairs(
     on_policy = sum(pair["on_policy"] for pair in pairs)
     print(f"reward: {len(pairs)} embedded pairs, {on_policy} with the policy's own mistakes as the rejected answer")
     return [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
+
+
+def _peft_config(config: RewardStageConfig) -> Any:
+    if not config.lora.enabled:
+        return None
+    if config.head == "likelihood":  # adapters only: the LM head is the score
+        return config.lora.peft_config("CAUSAL_LM")
+    return config.lora.peft_config("SEQ_CLS", modules_to_save=["score"])
 
 
 def _to_dataset(pairs: list[dict[str, Any]]) -> Any:

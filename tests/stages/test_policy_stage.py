@@ -102,3 +102,28 @@ def test_group_algorithms_run_end_to_end_with_the_shared_metrics(tmp_path: Path,
     initial = models.load_causal_lm(Registry().get(registered_sft)).state_dict()
     assert any(not torch.equal(trained[name], initial[name]) for name in initial), "no parameter moved"
     assert _sha256(tiny_sft_dir / "model.safetensors") == sft_hash
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_likelihood_reward_model_drives_ppo_and_grpo(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path, algorithm: str) -> None:
+    """A likelihood-head reward model (the tiny default's, reward/likelihood.py) as the only reward: our PPO
+    reads it per position, TRL's GRPO through its forward. Its scores are log-likelihoods, so the policy's
+    held-out mean reward is negative, which a fresh classifier head would give only by chance."""
+    from reward import likelihood
+
+    rm_dir = tmp_path / "rm"
+    reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry().get(registered_sft)), models.load_tokenizer(Registry().get(registered_sft)))
+    reward_model.save_pretrained(rm_dir)
+    models.load_tokenizer(Registry().get(registered_sft)).save_pretrained(rm_dir)
+    likelihood.mark_checkpoint(rm_dir, models.load_tokenizer(Registry().get(registered_sft)))
+    steps = ["ppo.num_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.save_steps=null"] if algorithm == "ppo" else [
+        "grpo.max_steps=2", "grpo.per_device_train_batch_size=8"]
+    metrics = policy.run(
+        _config(
+            tmp_path, f"algorithm={algorithm}", f"reward_model={rm_dir}", "verifiable_reward=false",
+            "datasets=[{source: embedded, num_examples: 64, tasks: [upper, copy]}]", *steps,
+        )
+    )
+    assert metrics["algorithm"] == algorithm and metrics["eval/reward_mean"] < 0, metrics
+    assert Registry().get("policy:latest").status == "ready"

@@ -11,6 +11,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from reward import likelihood
 from reward.scoring import check_same_tokenizer
 from stages.ppo import PPOConfig, PPOTrainer, _resolve_deepspeed_config
 
@@ -70,7 +71,8 @@ def make_trainer(tokenizer, output_dir, *, reward_model=True, reward_fn=None, ac
     if reference == "copy":
         reference = copy.deepcopy(actor)
     return PPOTrainer(
-        actor, reference, sequence_classifier(1, model_config) if reward_model else None, sequence_classifier(2, model_config), tokenizer,
+        actor, reference, sequence_classifier(1, model_config) if reward_model is True else reward_model or None,
+        sequence_classifier(2, model_config), tokenizer,
         PROMPTS, PPOConfig(**settings), output_dir, reward_fn=reward_fn, log_hook=log_hook,
     )
 
@@ -122,6 +124,25 @@ def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path
         # The reference is an untrained copy: identical log-probs, zero KL, and the score on the last token.
         torch.testing.assert_close(rollout.ref_logprobs[row], rollout.logprobs[row])
         torch.testing.assert_close(rollout.rewards[row, length - 1], rollout.raw_scores[row], atol=1e-6, rtol=0)
+
+
+def test_rollout_reads_a_likelihood_reward_model_at_each_sequence_end(tokenizer, tmp_path):
+    """With a likelihood-head reward model (reward/likelihood.py), each row's score in the left-padded rollout
+    equals that model's own forward on the row alone: the log-likelihood of the response tokens (eos included),
+    so a row that ends earlier is not charged for the junk after its eos."""
+    reward_model = likelihood.as_reward_model(causal_lm(3), tokenizer)
+    trainer = make_trainer(tokenizer, tmp_path, batch_size=4, mini_batch_size=2, max_new_tokens=5, reward_model=reward_model)
+    eos, junk = tokenizer.eos_token_id, 69
+    forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, 41, 42, 43, 44], [40, 41, 42, 43, eos]])
+    trainer.actor.generate = lambda input_ids, attention_mask, **kwargs: torch.cat([input_ids, forced], dim=1)
+    indices = [0, 4, 8, 2]
+    rollout = trainer.rollout(indices)
+    for row, (index, length) in enumerate(zip(indices, [3, 1, 5, 5])):
+        sequence = torch.tensor([trainer.prompt_token_ids[index] + forced[row, :length].tolist()])
+        with torch.no_grad():
+            expected = reward_model(sequence).logits[0, 0]
+        assert expected < 0
+        torch.testing.assert_close(rollout.raw_scores[row], expected, atol=1e-4, rtol=0)
 
 
 def test_scores_normalised_clipped_and_penalised_without_eos(tokenizer, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,9 @@ def _config(tmp_path: Path, *extra: str) -> reward_model.RewardStageConfig:
 
 @pytest.mark.slow
 def test_reward_model_learns_and_registers(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path) -> None:
+    """The classifier head: a fresh score head must learn the preference from the pairs alone."""
     torch.set_num_threads(2)
-    metrics = reward_model.run(_config(tmp_path))
+    metrics = reward_model.run(_config(tmp_path, "head=classifier", "train.learning_rate=2e-4"))
     entry = Registry().get("reward:latest")
     assert entry.status == "ready" and entry.kind == "reward" and entry.parent == registered_sft
     # Held-out pairs (eval-split prompts, negatives sampled afresh): well above chance (0.5), and
@@ -62,7 +64,7 @@ def test_lora_reward_model_trains_only_adapters_and_score_head(
         return original_train(self, *args, **kwargs)
 
     monkeypatch.setattr(RewardTrainer, "train", recording_train)
-    reward_model.run(_config(tmp_path, "lora.enabled=true", "train.max_steps=8", "train.learning_rate=1e-2", "heldout_pairs=20"))
+    reward_model.run(_config(tmp_path, "head=classifier", "lora.enabled=true", "train.max_steps=8", "train.learning_rate=1e-2", "heldout_pairs=20"))
 
     trainable = seen["trainable"]
     assert trainable and all("lora_" in name or "score.modules_to_save" in name for name in trainable), sorted(trainable)
@@ -73,4 +75,46 @@ def test_lora_reward_model_trains_only_adapters_and_score_head(
     assert changed, "LoRA training moved no attention projection"
     assert all(any(module in name for module in adapted) for name in changed), sorted(changed)
     assert not torch.equal(trained["score.weight"], seen["initial_head"]), "the score head did not train"
+    assert not (tmp_path / "rm" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_likelihood_head_trains_the_lm_and_saves_a_plain_causal_lm(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path) -> None:
+    """`head: likelihood` (the tiny default): the SFT model's own log-likelihood, trained with the pairwise loss.
+    Its pairwise loss falls during training, every layer moves, and the output is a causal LM whose
+    config.json names the head, read back as a reward model whose scores are log-likelihoods (< 0)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    metrics = reward_model.run(_config(tmp_path, "head=likelihood", "train.logging_steps=5"))
+    assert metrics["eval/pairwise_accuracy"] >= 0.56, metrics  # 200 pairs: chance is 0.50 +- 0.035
+    assert metrics["eval/reward_margin"] > 0 and metrics["eval/reward_chosen"] < 0
+    entry = Registry().get("reward:latest")
+    logged = [row["loss"] for row in json.loads((Path(entry.path) / "trainer_state.json").read_text())["log_history"] if "loss" in row]
+    assert len(logged) >= 2 and logged[-1] < logged[0], logged
+    trained = load_file(Path(entry.path) / "model.safetensors")
+    sft_weights = load_file(tiny_sft_dir / "model.safetensors")
+    assert set(trained) == set(sft_weights)  # same tensors as the SFT model: no score head
+    assert not torch.equal(trained["model.layers.1.mlp.down_proj.weight"], sft_weights["model.layers.1.mlp.down_proj.weight"])
+    assert json.loads((Path(entry.path) / "config.json").read_text())["reward_head"]["kind"] == "likelihood"
+    assert type(AutoModelForCausalLM.from_pretrained(entry.path)).__name__ == "LlamaForCausalLM"
+
+
+def test_centring_is_refused_for_the_likelihood_head(tmp_path: Path) -> None:
+    from stages.config import ConfigError
+
+    with pytest.raises(ConfigError, match="center_rewards_coefficient does not apply to head: likelihood"):
+        _config(tmp_path, "head=likelihood", "train.center_rewards_coefficient=0.01")
+
+
+@pytest.mark.slow
+def test_lora_likelihood_head_trains_only_adapters_and_keeps_the_head_mark(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path) -> None:
+    """LoRA with the likelihood head: adapters only (the LM head is the score), merged on save into a
+    checkpoint that still says it is a likelihood-head reward model."""
+    reward_model.run(_config(tmp_path, "head=likelihood", "lora.enabled=true", "train.max_steps=4", "train.learning_rate=1e-2", "heldout_pairs=20"))
+    trained = load_file(tmp_path / "rm" / "model.safetensors")
+    sft_weights = load_file(tiny_sft_dir / "model.safetensors")
+    changed = {name for name, tensor in trained.items() if not torch.equal(tensor, sft_weights[name])}
+    assert changed and all(any(module in name for module in ("q_proj", "k_proj", "v_proj", "o_proj")) for name in changed), sorted(changed)
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["reward_head"]["kind"] == "likelihood"
     assert not (tmp_path / "rm" / "adapter_model.safetensors").exists()

@@ -1,0 +1,132 @@
+"""A reward model read from a causal LM's own likelihood of the response (`head: likelihood`).
+
+score(prompt, response) = Σ_t log p(response token t | prompt, earlier response tokens), the sum over
+every token after the assistant-turn marker (the turn's end token included), under a copy of the SFT
+model trained with the same Bradley-Terry loss as the classifier head. It is the "your language model
+is secretly a reward model" reading (DPO's implicit reward, with the SFT model as its own start and
+no reference term).
+
+Why it exists: the classifier head reads one hidden state, the last token's, so it must check the whole
+answer in the layers it has left after reading it. The embedded 2-layer default cannot: its held-out
+pairwise accuracy stays near 0.60, while the same SFT model's likelihood ranks the same pairs at
+0.82-0.89 before any training (configs/reward/tiny.yaml has the measurements). The likelihood head
+compares each answer token with the model's prediction, position by position, which is what
+generating the answer needs anyway.
+
+The output is a plain causal-LM checkpoint: `AutoModelForCausalLM` loads it; its config.json carries
+`reward_head` (kind and the assistant marker's token ids), which `load` uses to read it as a reward model.
+Scores are log-likelihoods (<= 0); PPO whitens rewards, and the pairwise loss ignores any offset.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HEAD_KEY = "reward_head"
+KIND = "likelihood"
+
+
+class LikelihoodHeadError(ValueError):
+    """The likelihood head cannot find the response in a sequence (or its tokenizer has no marker)."""
+
+
+def response_marker(tokenizer: Any) -> list[int]:
+    """Token ids the chat template puts right before an assistant reply (its generation prompt)."""
+    conversation = [{"role": "user", "content": "x"}]
+    with_prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    without = tokenizer.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
+    if not with_prompt.startswith(without) or with_prompt == without:
+        raise LikelihoodHeadError(
+            "the tokenizer's chat template adds no generation prompt, so the likelihood head cannot tell where "
+            "a response starts; use `head: classifier`"
+        )
+    return tokenizer(with_prompt[len(without) :], add_special_tokens=False)["input_ids"]
+
+
+def head_config(tokenizer: Any) -> dict[str, Any]:
+    return {"kind": KIND, "response_marker": response_marker(tokenizer)}
+
+
+def response_token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]
+) -> torch.Tensor:
+    """(batch, seq) log-probability of each response token (0 elsewhere): position p holds log p(token p).
+
+    The response is every attended token after the last occurrence of `marker` in its row; padding may
+    sit on either side.
+    """
+    batch, length = input_ids.shape
+    marker_ids = torch.tensor(marker, device=input_ids.device)
+    windows = input_ids.unfold(1, len(marker), 1)  # (batch, length - len(marker) + 1, len(marker))
+    hits = (windows == marker_ids).all(-1) & attention_mask[:, : windows.shape[1]].bool()
+    after_marker = torch.arange(windows.shape[1], device=input_ids.device) + len(marker)
+    starts = torch.where(hits, after_marker, torch.full_like(after_marker, -1)).max(-1).values  # (batch,)
+    missing = (starts < 0).nonzero()
+    if len(missing):
+        raise LikelihoodHeadError(f"row {missing[0].item()} has no assistant-turn marker {marker}: nothing to score as a response")
+    positions = torch.arange(length, device=input_ids.device)
+    response_mask = (positions[None, :] >= starts[:, None]) & attention_mask.bool()  # (batch, seq)
+    logprobs = torch.zeros(batch, length, device=logits.device, dtype=torch.float32)
+    # The logits at p - 1 predict token p.
+    predicted = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logprobs[:, 1:] = predicted
+    return logprobs * response_mask
+
+
+class _LikelihoodRewardMixin:
+    """Turns a causal LM class into a reward model with the interface of a sequence classifier."""
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq): the score of the response so far at each position (cumulative log-likelihood), so
+        that reading it at a sequence's last token gives the sequence score, as PPO reads a classifier."""
+        logits = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        marker = self.config.reward_head["response_marker"]
+        return response_token_logprobs(logits, input_ids, attention_mask, marker).cumsum(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, **_: Any) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        scores = self.token_scores(input_ids, attention_mask, position_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (attention_mask.bool() * positions).argmax(-1)  # last attended token, for either padding side
+        return SequenceClassifierOutputWithPast(logits=scores[torch.arange(len(scores)), last][:, None])
+
+
+@functools.cache
+def reward_class(causal_lm_class: type) -> type:
+    """`causal_lm_class` with the likelihood reward forward; same weights, so it saves a plain causal LM."""
+    return type(f"LikelihoodReward{causal_lm_class.__name__}", (_LikelihoodRewardMixin, causal_lm_class), {})
+
+
+def as_reward_model(causal_lm: Any, tokenizer: Any) -> Any:
+    """Give a loaded causal LM the likelihood reward head (in place; weights untouched)."""
+    causal_lm.__class__ = reward_class(type(causal_lm))
+    causal_lm.config.reward_head = head_config(tokenizer)
+    causal_lm.config.num_labels = 1  # what RewardTrainer and PPO check for a scalar reward
+    return causal_lm
+
+
+def is_likelihood_head(path: str | Path) -> bool:
+    """Whether the checkpoint at `path` was saved with the likelihood head."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    return (json.loads(config_file.read_text()).get(HEAD_KEY) or {}).get("kind") == KIND
+
+
+def mark_checkpoint(path: str | Path, tokenizer: Any) -> None:
+    """Record the head in a saved checkpoint's config.json (atomically), and name the plain LM class as its
+    architecture, so other tools load it as the causal LM it is."""
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text())
+    config[HEAD_KEY] = head_config(tokenizer)
+    config["architectures"] = [name.removeprefix("LikelihoodReward") for name in config.get("architectures") or []]
+    temporary = config_file.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    temporary.replace(config_file)

@@ -1,8 +1,8 @@
 """A reward model read from a causal LM's own likelihood of the response (`head: likelihood`).
 
 score(prompt, response) = Σ_t log p(response token t | prompt, earlier response tokens), the sum over
-every token after the assistant-turn marker (the turn's end token included), under a copy of the SFT
-model trained with the same Bradley-Terry loss as the classifier head. It is the "your language model
+every token after the prompt (the reply, and whatever the template renders after it: its end token), under
+a copy of the SFT model trained with the same Bradley-Terry loss as the classifier head. It is the "your language model
 is secretly a reward model" reading (DPO's implicit reward, with the SFT model as its own start and
 no reference term).
 
@@ -14,8 +14,17 @@ compares each answer token with the model's prediction, position by position, wh
 generating the answer needs anyway.
 
 The output is a plain causal-LM checkpoint: `AutoModelForCausalLM` loads it; its config.json carries
-`reward_head` (kind and the assistant marker's token ids), which `load` uses to read it as a reward model.
-Scores are log-likelihoods (<= 0); PPO whitens rewards, and the pairwise loss ignores any offset.
+`reward_head` (kind and the assistant marker's token ids), which `reward.models.load_reward` uses to read
+it as a reward model. Scores are log-likelihoods (<= 0); PPO whitens rewards, and the pairwise loss
+ignores any offset.
+
+Where the response starts: callers that know it pass `response_start` (our PPO: the prompt's padded
+length; `reward.scoring.score`: the rendered prompt's length). Otherwise (TRL's RewardTrainer and
+GRPO/RLOO, which call `forward(input_ids, attention_mask)`) it is the token after the last occurrence of
+the assistant marker. That search trusts the text: a completion that spells the marker out would be
+scored from there on, and a BPE template that merges the marker's last token with the reply's first
+(a reply starting with a newline after Qwen's "assistant\n") has no match, which is an error naming the row.
+
 """
 
 from __future__ import annotations
@@ -49,18 +58,35 @@ def response_marker(tokenizer: Any) -> list[int]:
 
 
 def head_config(tokenizer: Any) -> dict[str, Any]:
+    """What config.json records of the head: its kind and the marker that precedes a reply."""
     return {"kind": KIND, "response_marker": response_marker(tokenizer)}
 
 
 def response_token_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    marker: list[int],
+    response_start: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(batch, seq) log-probability of each response token (0 elsewhere): position p holds log p(token p).
 
-    The response is every attended token after the last occurrence of `marker` in its row; padding may
-    sit on either side.
+    The response is every attended token from `response_start` (a position, or one per row) on, or, without
+    it, after the last occurrence of `marker` in its row; padding may sit on either side.
     """
     batch, length = input_ids.shape
+    starts = _marker_ends(input_ids, attention_mask, marker) if response_start is None else torch.as_tensor(response_start, device=input_ids.device).expand(batch)
+    positions = torch.arange(length, device=input_ids.device)
+    response_mask = (positions[None, :] >= starts[:, None]) & attention_mask.bool()  # (batch, seq)
+    logprobs = torch.zeros(batch, length, device=logits.device, dtype=torch.float32)
+    # The logits at p - 1 predict token p. Gather first, normalise with logsumexp: no second (batch, seq, vocab) tensor.
+    shifted = logits[:, :-1].float()
+    logprobs[:, 1:] = shifted.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - shifted.logsumexp(-1)
+    return logprobs * response_mask
+
+
+def _marker_ends(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """(batch,) position right after the last `marker` in each row; an error naming a row without one."""
     marker_ids = torch.tensor(marker, device=input_ids.device)
     windows = input_ids.unfold(1, len(marker), 1)  # (batch, length - len(marker) + 1, len(marker))
     hits = (windows == marker_ids).all(-1) & attention_mask[:, : windows.shape[1]].bool()
@@ -69,30 +95,43 @@ def response_token_logprobs(
     missing = (starts < 0).nonzero()
     if len(missing):
         raise LikelihoodHeadError(f"row {missing[0].item()} has no assistant-turn marker {marker}: nothing to score as a response")
-    positions = torch.arange(length, device=input_ids.device)
-    response_mask = (positions[None, :] >= starts[:, None]) & attention_mask.bool()  # (batch, seq)
-    logprobs = torch.zeros(batch, length, device=logits.device, dtype=torch.float32)
-    # The logits at p - 1 predict token p.
-    predicted = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    logprobs[:, 1:] = predicted
-    return logprobs * response_mask
+    return starts
 
 
 class _LikelihoodRewardMixin:
-    """Turns a causal LM class into a reward model with the interface of a sequence classifier."""
+    """Turns a causal LM class into a reward model with the interface of a sequence classifier.
 
-    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    Why a subclass of the LM's own class (made in `reward_class`, swapped in by `as_reward_model`) and not a
+    wrapper module: TRL's trainers and HF's save/ZeRO-3 paths want the PreTrainedModel itself, and a subclass
+    keeps the LM's parameter names, so what it saves is the plain causal LM. Being made at run time, the class
+    cannot be pickled by name (`torch.save(model)`); save with `save_pretrained`.
+    """
+
+    def token_scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        response_start: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(batch, seq): the score of the response so far at each position (cumulative log-likelihood), so
         that reading it at a sequence's last token gives the sequence score, as PPO reads a classifier."""
         logits = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
         marker = self.config.reward_head["response_marker"]
-        return response_token_logprobs(logits, input_ids, attention_mask, marker).cumsum(-1)
+        return response_token_logprobs(logits, input_ids, attention_mask, marker, response_start).cumsum(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, **_: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        response_start: int | torch.Tensor | None = None,
+        **_: Any,  # what trainers also pass (use_cache, margin, token_type_ids): not used here
+    ) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        scores = self.token_scores(input_ids, attention_mask, position_ids)
+        scores = self.token_scores(input_ids, attention_mask, position_ids, response_start)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (attention_mask.bool() * positions).argmax(-1)  # last attended token, for either padding side
         return SequenceClassifierOutputWithPast(logits=scores[torch.arange(len(scores)), last][:, None])

@@ -18,6 +18,7 @@ def load_reward(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtyp
     if not entry.builtin and likelihood.is_likelihood_head(entry.path):
         model = models.load_causal_lm(entry, trust_remote_code, dtype)
         model.__class__ = likelihood.reward_class(type(model))
+        model.config.num_labels = 1  # a LoRA merge rebuilds the config from the SFT model's, which says 2
         return model
     return models.load_sequence_classifier(entry, trust_remote_code, dtype)
 

@@ -34,13 +34,21 @@ def score(
     scores = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [render(tokenizer, p, r) for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])]
+            batch_prompts = prompts[start : start + batch_size]
+            texts = [render(tokenizer, p, r) for p, r in zip(batch_prompts, responses[start : start + batch_size])]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            if hasattr(model, "token_scores"):  # likelihood head: the reply starts where the rendered prompt ends
+                batch["response_start"] = torch.tensor([_prompt_length(tokenizer, p) for p in batch_prompts], device=model.device)
             scores.append(model(**batch).logits.squeeze(-1).float().cpu())
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def _prompt_length(tokenizer: Any, prompt: list[dict[str, str]]) -> int:
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class TokenizerMismatchError(ValueError):

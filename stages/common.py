@@ -260,6 +260,7 @@ def write_model_card(run: StageRun, metrics: dict[str, Any], card: dict[str, Any
         "```",
         f"or in any stage config: `model: {ref}`.",
         "",
+        *([card["note"], ""] if card.get("note") else []),
     ]
     _atomic_write(run.output_dir / "README.md", "\n".join(lines))
 

@@ -168,7 +168,9 @@ class Rollout:
 
 class _TokenScores(torch.nn.Module):
     """A sequence-classification model read at every position: score(backbone hidden state) -> (batch, seq).
-    The critic's value of every state; the reward model's score wherever a sequence really ends."""
+    The critic's value of every state; the reward model's score wherever a sequence really ends. A
+    likelihood-head reward model (reward/likelihood.py) gives its cumulative log-likelihood of the response,
+    counted from `response_start` (the padded prompt length), so generated tokens can't move that start."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
@@ -176,9 +178,9 @@ class _TokenScores(torch.nn.Module):
             raise ValueError(f"critic and reward model need num_labels=1, got {getattr(model.config, 'num_labels', None)}")
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.model, "token_scores"):  # a likelihood-head reward model (reward/likelihood.py)
-            return self.model.token_scores(input_ids, attention_mask, position_ids).float()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, response_start: int | None = None) -> torch.Tensor:
+        if hasattr(self.model, "token_scores"):
+            return self.model.token_scores(input_ids, attention_mask, position_ids, response_start).float()
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return self.model.score(hidden.last_hidden_state).squeeze(-1).float()
@@ -396,7 +398,7 @@ class PPOTrainer:
         if self.reward_forward is not None:
             last_positions = prompt_len + ppo_math.last_token_index(response_mask)
             rows = torch.arange(len(raw_scores), device=self.device)
-            raw_scores += config.reward_model_coef * self.reward_forward(**inputs)[rows, last_positions]
+            raw_scores += config.reward_model_coef * self.reward_forward(**inputs, response_start=prompt_len)[rows, last_positions]
         if self.reward_fn is not None:
             function_scores = torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).to(self.device)
             if function_scores.shape != raw_scores.shape:

@@ -65,6 +65,8 @@ class RewardStageConfig(common.StageConfig):
                 "train.center_rewards_coefficient does not apply to head: likelihood (its scores are log-likelihoods, "
                 "which centring would push towards 0, i.e. towards likelier answers); remove it"
             )
+        if self.head == "likelihood" and self.lora.enabled and not self.lora.merge_on_save:
+            raise ConfigError("head: likelihood needs lora.merge_on_save: true (its reward is read from the merged causal LM)")
         if self.length_grouping < 0:
             raise ConfigError(f"length_grouping must be 0 (off) or a number of batches, not {self.length_grouping}")
 
@@ -170,6 +172,10 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
             "steps": trainer.state.global_step,
             # A likelihood-head RM is a plain causal LM; reward.models.load_reward reads it as a reward model.
             "auto_class": "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM",
+            "note": None if classifier else (
+                "A likelihood-head reward model: the class above gives the language model; "
+                "`reward.models.load_reward(Registry().get(REF))` reads it as the reward model."
+            ),
         },
     )
     return metrics

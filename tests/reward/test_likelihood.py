@@ -58,6 +58,18 @@ def test_score_is_response_loglikelihood(tiny_lm, tiny_tokenizer, padding_side: 
     torch.testing.assert_close(token_scores[torch.arange(2), last], expected, atol=1e-4, rtol=0)
 
 
+def test_score_counts_from_the_prompt_end_even_if_the_reply_spells_the_marker(tiny_lm, tiny_tokenizer) -> None:
+    """A reply that contains the marker's text is tokenized into the marker; score() still counts every reply
+    token (the marker search alone would count only those after it)."""
+    prompts, responses = [[{"role": "user", "content": "Copy: abc"}]], ["zz<|assistant|>abc"]
+    expected = _response_logprob_by_hand(tiny_lm, tiny_tokenizer, prompts[0], responses[0])
+    reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), tiny_tokenizer)
+    torch.testing.assert_close(score(reward_model, tiny_tokenizer, prompts, responses), torch.tensor([expected]), atol=1e-4, rtol=0)
+    batch = tiny_tokenizer([render(tiny_tokenizer, prompts[0], responses[0])], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert reward_model(**batch).logits[0, 0] > expected + 0.1  # from the last marker: fewer tokens counted
+
+
 def test_sequence_without_marker_is_a_clear_error(tiny_tokenizer) -> None:
     reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), tiny_tokenizer)
     ids = tiny_tokenizer("<|user|>no reply here<|end|>", return_tensors="pt", add_special_tokens=False)

@@ -106,10 +106,10 @@ def test_group_algorithms_run_end_to_end_with_the_shared_metrics(tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_likelihood_reward_model_drives_ppo_and_grpo(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path, algorithm: str) -> None:
+def test_likelihood_reward_model_plugs_into_ppo_and_grpo(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path, algorithm: str) -> None:
     """A likelihood-head reward model (the tiny default's, reward/likelihood.py) as the only reward: our PPO
-    reads it per position, TRL's GRPO through its forward. Its scores are log-likelihoods, so the policy's
-    held-out mean reward is negative, which a fresh classifier head would give only by chance."""
+    reads it per position, TRL's GRPO through its forward; both run and register. The evaluation read it as
+    that head (its scores are log-likelihoods, so the mean reward is negative), not as a fresh classifier."""
     from reward import likelihood
 
     rm_dir = tmp_path / "rm"

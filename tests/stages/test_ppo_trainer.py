@@ -128,21 +128,26 @@ def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path
 
 def test_rollout_reads_a_likelihood_reward_model_at_each_sequence_end(tokenizer, tmp_path):
     """With a likelihood-head reward model (reward/likelihood.py), each row's score in the left-padded rollout
-    equals that model's own forward on the row alone: the log-likelihood of the response tokens (eos included),
-    so a row that ends earlier is not charged for the junk after its eos."""
+    equals that model's own forward on the row alone, counted from the end of the prompt: the log-likelihood
+    of the response tokens (eos included), not of the junk after eos. Row 2 generates the assistant marker
+    itself; a score counted from the last marker would skip the tokens before it, so the policy could hide a
+    bad answer in front of one."""
     reward_model = likelihood.as_reward_model(causal_lm(3), tokenizer)
     trainer = make_trainer(tokenizer, tmp_path, batch_size=4, mini_batch_size=2, max_new_tokens=5, reward_model=reward_model)
     eos, junk = tokenizer.eos_token_id, 69
-    forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, 41, 42, 43, 44], [40, 41, 42, 43, eos]])
+    marker = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, marker, 42, 43, 44], [40, 41, 42, 43, eos]])
     trainer.actor.generate = lambda input_ids, attention_mask, **kwargs: torch.cat([input_ids, forced], dim=1)
     indices = [0, 4, 8, 2]
     rollout = trainer.rollout(indices)
     for row, (index, length) in enumerate(zip(indices, [3, 1, 5, 5])):
-        sequence = torch.tensor([trainer.prompt_token_ids[index] + forced[row, :length].tolist()])
+        prompt = trainer.prompt_token_ids[index]
+        sequence = torch.tensor([prompt + forced[row, :length].tolist()])
         with torch.no_grad():
-            expected = reward_model(sequence).logits[0, 0]
-        assert expected < 0
+            expected = reward_model(sequence, response_start=len(prompt)).logits[0, 0]
+            from_last_marker = reward_model(sequence).logits[0, 0]
         torch.testing.assert_close(rollout.raw_scores[row], expected, atol=1e-4, rtol=0)
+        assert (from_last_marker > expected + 0.1) == (row == 2)
 
 
 def test_scores_normalised_clipped_and_penalised_without_eos(tokenizer, tmp_path):

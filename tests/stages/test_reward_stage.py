@@ -81,8 +81,9 @@ def test_lora_reward_model_trains_only_adapters_and_score_head(
 @pytest.mark.slow
 def test_likelihood_head_trains_the_lm_and_saves_a_plain_causal_lm(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path) -> None:
     """`head: likelihood` (the tiny default): the SFT model's own log-likelihood, trained with the pairwise loss.
-    Its pairwise loss falls during training, every layer moves, and the output is a causal LM whose
-    config.json names the head, read back as a reward model whose scores are log-likelihoods (< 0)."""
+    Learning shows in the falling loss and the moved weights (the untrained likelihood already ranks most
+    pairs right, so held-out accuracy is only checked above chance); the output is a causal LM whose
+    config.json names the head."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
@@ -100,11 +101,13 @@ def test_likelihood_head_trains_the_lm_and_saves_a_plain_causal_lm(tmp_path: Pat
     assert type(AutoModelForCausalLM.from_pretrained(entry.path)).__name__ == "LlamaForCausalLM"
 
 
-def test_centring_is_refused_for_the_likelihood_head(tmp_path: Path) -> None:
+def test_centring_and_unmerged_lora_are_refused_for_the_likelihood_head(tmp_path: Path) -> None:
     from stages.config import ConfigError
 
     with pytest.raises(ConfigError, match="center_rewards_coefficient does not apply to head: likelihood"):
         _config(tmp_path, "head=likelihood", "train.center_rewards_coefficient=0.01")
+    with pytest.raises(ConfigError, match="head: likelihood needs lora.merge_on_save"):
+        _config(tmp_path, "head=likelihood", "lora.enabled=true", "lora.merge_on_save=false")
 
 
 @pytest.mark.slow
@@ -118,3 +121,8 @@ def test_lora_likelihood_head_trains_only_adapters_and_keeps_the_head_mark(tmp_p
     assert changed and all(any(module in name for module in ("q_proj", "k_proj", "v_proj", "o_proj")) for name in changed), sorted(changed)
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["reward_head"]["kind"] == "likelihood"
     assert not (tmp_path / "rm" / "adapter_model.safetensors").exists()
+    # The merge rebuilt the config from the SFT model's (num_labels 2); PPO still takes it as a scalar reward.
+    from reward.models import load_reward
+    from stages.ppo import _TokenScores
+
+    _TokenScores(load_reward(Registry().get("reward:latest")))

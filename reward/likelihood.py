@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from stages.ppo_math import last_token_index
+
 HEAD_KEY = "reward_head"
 KIND = "likelihood"
 
@@ -132,8 +134,7 @@ class _LikelihoodRewardMixin:
 
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         scores = self.token_scores(input_ids, attention_mask, position_ids, response_start)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (attention_mask.bool() * positions).argmax(-1)  # last attended token, for either padding side
+        last = last_token_index(attention_mask)  # the last attended token, for either padding side
         return SequenceClassifierOutputWithPast(logits=scores[torch.arange(len(scores)), last][:, None])
 
 
@@ -145,9 +146,16 @@ def reward_class(causal_lm_class: type) -> type:
 
 def as_reward_model(causal_lm: Any, tokenizer: Any) -> Any:
     """Give a loaded causal LM the likelihood reward head (in place; weights untouched)."""
-    causal_lm.__class__ = reward_class(type(causal_lm))
     causal_lm.config.reward_head = head_config(tokenizer)
-    causal_lm.config.num_labels = 1  # what RewardTrainer and PPO check for a scalar reward
+    return read_as_reward_model(causal_lm)
+
+
+def read_as_reward_model(causal_lm: Any) -> Any:
+    """A causal LM whose config already has `reward_head` (a saved likelihood-head RM), read as a reward model."""
+    causal_lm.__class__ = reward_class(type(causal_lm))
+    # What RewardTrainer and PPO check for a scalar reward; a LoRA merge rebuilds the config from the SFT
+    # model's, which says 2.
+    causal_lm.config.num_labels = 1
     return causal_lm
 
 
@@ -159,13 +167,8 @@ def is_likelihood_head(path: str | Path) -> bool:
     return (json.loads(config_file.read_text()).get(HEAD_KEY) or {}).get("kind") == KIND
 
 
-def mark_checkpoint(path: str | Path, tokenizer: Any) -> None:
-    """Record the head in a saved checkpoint's config.json (atomically), and name the plain LM class as its
-    architecture, so other tools load it as the causal LM it is."""
-    config_file = Path(path) / "config.json"
-    config = json.loads(config_file.read_text())
-    config[HEAD_KEY] = head_config(tokenizer)
-    config["architectures"] = [name.removeprefix("LikelihoodReward") for name in config.get("architectures") or []]
-    temporary = config_file.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    temporary.replace(config_file)
+def marked_config(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """A saved checkpoint's config.json contents with the head recorded (a LoRA merge saves a config without
+    it) and the plain LM class as its architecture, so other tools load it as the causal LM it is."""
+    architectures = [name.removeprefix("LikelihoodReward") for name in config.get("architectures") or []]
+    return config | {HEAD_KEY: head_config(tokenizer), "architectures": architectures}

@@ -16,10 +16,7 @@ def load_reward(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtyp
     read through its likelihood (`head: likelihood`, recorded in its config.json). Both return
     `.logits` of shape (batch, 1) and are read the same way by scoring, PPO and TRL's trainers."""
     if not entry.builtin and likelihood.is_likelihood_head(entry.path):
-        model = models.load_causal_lm(entry, trust_remote_code, dtype)
-        model.__class__ = likelihood.reward_class(type(model))
-        model.config.num_labels = 1  # a LoRA merge rebuilds the config from the SFT model's, which says 2
-        return model
+        return likelihood.read_as_reward_model(models.load_causal_lm(entry, trust_remote_code, dtype))
     return models.load_sequence_classifier(entry, trust_remote_code, dtype)
 
 

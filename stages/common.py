@@ -223,8 +223,8 @@ def finish(run: StageRun, metrics: dict[str, Any], samples: list[dict[str, Any]]
         return
     seconds = time.time() - run.started
     metrics = {key: value for key, value in metrics.items()} | {"seconds": round(seconds, 1)}
-    _write_json(run.output_dir / "metrics.json", scrub(metrics))
-    _write_json(run.output_dir / "samples.json", scrub(samples))
+    write_json(run.output_dir / "metrics.json", scrub(metrics))
+    write_json(run.output_dir / "samples.json", scrub(samples))
     write_model_card(run, metrics, card)
     tracking.log(run.wandb_run, metrics)
     tracking.log_table(run.wandb_run, "eval/samples", samples)
@@ -344,10 +344,11 @@ def _claim_output_dir(run: StageRun, config: StageConfig, resolved: dict[str, An
             print(f"{run.stage}: {run.output_dir} is already registered ready as {ready[-1].ref}; nothing to do.")
             return
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(manifest, resolved)
+    write_json(manifest, resolved)
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """A JSON file written atomically (see _atomic_write)."""
     _atomic_write(path, json.dumps(value, indent=2, sort_keys=True, default=str))
 
 

@@ -17,6 +17,7 @@ Run:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,7 +144,8 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=classifier):
         return {}
     if not classifier:
-        likelihood.mark_checkpoint(stage.output_dir, tokenizer)  # also after a LoRA merge, which saves a plain LM
+        config_file = stage.output_dir / "config.json"
+        common.write_json(config_file, likelihood.marked_config(json.loads(config_file.read_text()), tokenizer))
 
     # -- evaluate (on the saved model) ------------------------------------------------------------
     saved = Registry().get(str(stage.output_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,13 +10,18 @@ import torch
 
 from reward import likelihood
 from reward.scoring import render, score
-from stages import models
+from stages import common, models
 from stages.registry import Registry
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
     return models.load_causal_lm(Registry(os.devnull).get("tiny-llama"))
+
+
+def _reward_model(tokenizer):
+    """The untrained tiny Llama with the likelihood head (its own copy: the class swap is in place)."""
+    return likelihood.as_reward_model(models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), tokenizer)
 
 
 def _response_logprob_by_hand(model, tokenizer, prompt, response) -> float:
@@ -41,7 +47,7 @@ def test_score_is_response_loglikelihood(tiny_lm, tiny_tokenizer, padding_side: 
     responses = ["abc", "seventeen"]  # different lengths, so one row is padded
     expected = torch.tensor([_response_logprob_by_hand(tiny_lm, tiny_tokenizer, p, r) for p, r in zip(prompts, responses)])
 
-    reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), tiny_tokenizer)
+    reward_model = _reward_model(tiny_tokenizer)
     torch.testing.assert_close(score(reward_model, tiny_tokenizer, prompts, responses), expected, atol=1e-4, rtol=0)
 
     tiny_tokenizer.padding_side = padding_side
@@ -63,7 +69,7 @@ def test_score_counts_from_the_prompt_end_even_if_the_reply_spells_the_marker(ti
     token (the marker search alone would count only those after it)."""
     prompts, responses = [[{"role": "user", "content": "Copy: abc"}]], ["zz<|assistant|>abc"]
     expected = _response_logprob_by_hand(tiny_lm, tiny_tokenizer, prompts[0], responses[0])
-    reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), tiny_tokenizer)
+    reward_model = _reward_model(tiny_tokenizer)
     torch.testing.assert_close(score(reward_model, tiny_tokenizer, prompts, responses), torch.tensor([expected]), atol=1e-4, rtol=0)
     batch = tiny_tokenizer([render(tiny_tokenizer, prompts[0], responses[0])], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
@@ -71,7 +77,7 @@ def test_score_counts_from_the_prompt_end_even_if_the_reply_spells_the_marker(ti
 
 
 def test_sequence_without_marker_is_a_clear_error(tiny_tokenizer) -> None:
-    reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), tiny_tokenizer)
+    reward_model = _reward_model(tiny_tokenizer)
     ids = tiny_tokenizer("<|user|>no reply here<|end|>", return_tensors="pt", add_special_tokens=False)
     with pytest.raises(likelihood.LikelihoodHeadError, match="row 0 has no assistant-turn marker"):
         reward_model(**ids)
@@ -82,10 +88,11 @@ def test_saved_checkpoint_loads_as_plain_lm_and_as_reward_model(tmp_path, tiny_t
 
     from reward.models import load_reward
 
-    reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), tiny_tokenizer)
+    reward_model = _reward_model(tiny_tokenizer)
     reward_model.save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
-    likelihood.mark_checkpoint(tmp_path / "rm", tiny_tokenizer)
+    config_file = tmp_path / "rm" / "config.json"  # what the reward stage does after saving
+    common.write_json(config_file, likelihood.marked_config(json.loads(config_file.read_text()), tiny_tokenizer))
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "rm")
     assert type(plain).__name__ == "LlamaForCausalLM" and plain.config.architectures == ["LlamaForCausalLM"]

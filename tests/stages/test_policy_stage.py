@@ -112,11 +112,10 @@ def test_likelihood_reward_model_plugs_into_ppo_and_grpo(tmp_path: Path, registe
     that head (its scores are log-likelihoods, so the mean reward is negative), not as a fresh classifier."""
     from reward import likelihood
 
-    rm_dir = tmp_path / "rm"
-    reward_model = likelihood.as_reward_model(models.load_causal_lm(Registry().get(registered_sft)), models.load_tokenizer(Registry().get(registered_sft)))
-    reward_model.save_pretrained(rm_dir)
-    models.load_tokenizer(Registry().get(registered_sft)).save_pretrained(rm_dir)
-    likelihood.mark_checkpoint(rm_dir, models.load_tokenizer(Registry().get(registered_sft)))
+    rm_dir, sft_entry = tmp_path / "rm", Registry().get(registered_sft)
+    tokenizer = models.load_tokenizer(sft_entry)
+    likelihood.as_reward_model(models.load_causal_lm(sft_entry), tokenizer).save_pretrained(rm_dir)  # config.json has the head
+    tokenizer.save_pretrained(rm_dir)
     steps = ["ppo.num_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.save_steps=null"] if algorithm == "ppo" else [
         "grpo.max_steps=2", "grpo.per_device_train_batch_size=8"]
     metrics = policy.run(

@@ -159,6 +159,32 @@ def read_as_reward_model(causal_lm: Any) -> Any:
     return causal_lm
 
 
+def with_chosen_nll(trainer_class: type, coefficient: float) -> type:
+    """`trainer_class` (TRL's RewardTrainer) with `coefficient` x the chosen replies' negative log-likelihood
+    (summed over each reply's tokens, averaged over pairs) added to its pairwise loss; logged as `chosen_nll`.
+
+    Why: the pairwise loss alone is free to make both replies of a pair less likely, and a likelihood-head
+    score is only as good as the model's grip on the correct answers. The same term as DPO's `rpo_alpha`.
+    Measured on the embedded default (lr 3e-4, 1 epoch): held-out accuracy 0.82 without it, 0.87 with it
+    (configs/reward/tiny.yaml).
+    """
+    if not coefficient:
+        return trainer_class
+
+    class ChosenNLL(trainer_class):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            # RewardTrainer stacks the chosen replies first; a likelihood-head score is the reply's log-likelihood.
+            chosen_nll = -outputs.logits.squeeze(-1).chunk(2)[0].mean()
+            mode = "train" if model.training else "eval"
+            self._metrics[mode]["chosen_nll"].append(self.accelerator.gather_for_metrics(chosen_nll.detach()).mean().item())
+            loss = loss + coefficient * chosen_nll
+            return (loss, outputs) if return_outputs else loss
+
+    ChosenNLL.__name__ = ChosenNLL.__qualname__ = trainer_class.__name__
+    return ChosenNLL
+
+
 def is_likelihood_head(path: str | Path) -> bool:
     """Whether the checkpoint at `path` was saved with the likelihood head."""
     config_file = Path(path) / "config.json"

@@ -50,6 +50,10 @@ class RewardStageConfig(common.StageConfig):
         default="classifier",
         metadata={"help": "classifier: a scalar head on the last token; likelihood: the response's log-likelihood (reward/likelihood.py)."},
     )
+    chosen_nll_coefficient: float = field(
+        default=0.0,
+        metadata={"help": "head: likelihood only: add this x the chosen reply's negative log-likelihood to the pairwise loss (reward/likelihood.py)."},
+    )
     onpolicy_negatives: bool = field(default=True, metadata={"help": "Embedded data: use the policy's own wrong samples as rejected answers."})
     sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the on-policy samples."})
     drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed pairs with a count instead of stopping."})
@@ -65,6 +69,11 @@ class RewardStageConfig(common.StageConfig):
             raise ConfigError(
                 "train.center_rewards_coefficient does not apply to head: likelihood (its scores are log-likelihoods, "
                 "which centring would push towards 0, i.e. towards likelier answers); remove it"
+            )
+        if self.chosen_nll_coefficient < 0 or (self.chosen_nll_coefficient and self.head != "likelihood"):
+            raise ConfigError(
+                f"chosen_nll_coefficient must be >= 0 and applies to head: likelihood only (got {self.chosen_nll_coefficient} "
+                f"with head: {self.head}): a classifier's score is not a likelihood"
             )
         if self.head == "likelihood" and self.lora.enabled and not self.lora.merge_on_save:
             raise ConfigError("head: likelihood needs lora.merge_on_save: true (its reward is read from the merged causal LM)")
@@ -119,7 +128,8 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
 
     common.open_tracking(stage, config)
-    trainer = batching.length_grouped(RewardTrainer, config.length_grouping)(
+    trainer_class = likelihood.with_chosen_nll(RewardTrainer, config.chosen_nll_coefficient)
+    trainer = batching.length_grouped(trainer_class, config.length_grouping)(
         model=model,
         args=common.trl_args(RewardConfig, stage, config, config.train, deepspeed_config),
         train_dataset=train_dataset,
@@ -169,7 +179,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         card={
             "base": base.ref if not base.builtin else base.name,
             "data": f"{len(pairs)} preference pairs (fingerprint {dataset_fingerprint})",
-            "config": {"head": config.head}
+            "config": {"head": config.head, "chosen_nll_coefficient": config.chosen_nll_coefficient}
             | {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "center_rewards_coefficient")},
             "steps": trainer.state.global_step,
             # A likelihood-head RM is a plain causal LM; reward.models.load_reward reads it as a reward model.

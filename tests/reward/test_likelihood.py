@@ -102,3 +102,28 @@ def test_saved_checkpoint_loads_as_plain_lm_and_as_reward_model(tmp_path, tiny_t
     loaded = load_reward(registry.get(entry.ref))
     prompts, responses = [[{"role": "user", "content": "Copy: abc"}]], ["abc"]
     torch.testing.assert_close(score(loaded, tiny_tokenizer, prompts, responses), score(reward_model, tiny_tokenizer, prompts, responses))
+
+
+def test_chosen_nll_term_adds_the_chosen_replys_negative_loglikelihood(tmp_path, tiny_tokenizer) -> None:
+    """loss = -log σ(s_chosen - s_rejected) + c·(-s_chosen), the scores computed by hand from the plain LM."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    prompt, chosen, rejected = [{"role": "user", "content": "Add 3 and 14"}], "17", "71"
+    plain_lm = models.load_causal_lm(Registry(os.devnull).get("tiny-llama"))
+    s_chosen = _response_logprob_by_hand(plain_lm, tiny_tokenizer, prompt, chosen)
+    s_rejected = _response_logprob_by_hand(plain_lm, tiny_tokenizer, prompt, rejected)
+    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}]}
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, report_to=[], use_cpu=True, max_length=128)
+
+    losses = {}
+    for coefficient in (0.0, 0.5):
+        trainer_class = likelihood.with_chosen_nll(RewardTrainer, coefficient)
+        trainer = trainer_class(model=_reward_model(tiny_tokenizer), args=args, train_dataset=Dataset.from_list([pair]), processing_class=tiny_tokenizer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            losses[coefficient] = trainer.compute_loss(trainer.model, batch).item()
+    pairwise = -torch.nn.functional.logsigmoid(torch.tensor(s_chosen - s_rejected)).item()
+    assert losses[0.0] == pytest.approx(pairwise, abs=1e-4)
+    assert losses[0.5] == pytest.approx(pairwise + 0.5 * -s_chosen, abs=1e-4)
+    assert trainer._metrics["train"]["chosen_nll"] == [pytest.approx(-s_chosen, abs=1e-4)]

@@ -31,7 +31,7 @@ def _config(tmp_path: Path, *extra: str) -> reward_model.RewardStageConfig:
 def test_reward_model_learns_and_registers(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path) -> None:
     """The classifier head: a fresh score head must learn the preference from the pairs alone."""
     torch.set_num_threads(2)
-    metrics = reward_model.run(_config(tmp_path, "head=classifier", "train.learning_rate=2e-4"))
+    metrics = reward_model.run(_config(tmp_path, "head=classifier", "chosen_nll_coefficient=0", "train.learning_rate=2e-4"))
     entry = Registry().get("reward:latest")
     assert entry.status == "ready" and entry.kind == "reward" and entry.parent == registered_sft
     # Held-out pairs (eval-split prompts, negatives sampled afresh): well above chance (0.5), and
@@ -64,7 +64,7 @@ def test_lora_reward_model_trains_only_adapters_and_score_head(
         return original_train(self, *args, **kwargs)
 
     monkeypatch.setattr(RewardTrainer, "train", recording_train)
-    reward_model.run(_config(tmp_path, "head=classifier", "lora.enabled=true", "train.max_steps=8", "train.learning_rate=1e-2", "heldout_pairs=20"))
+    reward_model.run(_config(tmp_path, "head=classifier", "chosen_nll_coefficient=0", "lora.enabled=true", "train.max_steps=8", "train.learning_rate=1e-2", "heldout_pairs=20"))
 
     trainable = seen["trainable"]
     assert trainable and all("lora_" in name or "score.modules_to_save" in name for name in trainable), sorted(trainable)
@@ -108,6 +108,10 @@ def test_centring_and_unmerged_lora_are_refused_for_the_likelihood_head(tmp_path
         _config(tmp_path, "head=likelihood", "train.center_rewards_coefficient=0.01")
     with pytest.raises(ConfigError, match="head: likelihood needs lora.merge_on_save"):
         _config(tmp_path, "head=likelihood", "lora.enabled=true", "lora.merge_on_save=false")
+    with pytest.raises(ConfigError, match="chosen_nll_coefficient must be >= 0 and applies to head: likelihood only"):
+        _config(tmp_path, "head=classifier", "chosen_nll_coefficient=1.0")
+    with pytest.raises(ConfigError, match="chosen_nll_coefficient must be >= 0"):
+        _config(tmp_path, "head=likelihood", "chosen_nll_coefficient=-1")
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from torch.utils.data import Sampler
 
 # Token columns of TRL's tokenized datasets: SFT has input_ids; reward and DPO have the pair's two sides
 # (DPO also prompt_input_ids).
-_PAIR_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
+_PAIR_COLUMNS = ("chosen_ids", "rejected_ids")  # TRL 1.x: DPOTrainer (+ prompt_ids), RewardTrainer (prompt inside)
 
 
 class LengthBucketSampler(Sampler[int]):
@@ -67,8 +67,8 @@ def row_lengths(dataset: Any) -> list[int]:
     if "input_ids" in columns and not columns & set(_PAIR_COLUMNS):
         return [len(ids) for ids in dataset["input_ids"]]
     if set(_PAIR_COLUMNS) <= columns:
-        prompts = dataset["prompt_input_ids"] if "prompt_input_ids" in columns else [[]] * len(dataset)
-        return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+        prompts = dataset["prompt_ids"] if "prompt_ids" in columns else [[]] * len(dataset)
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, dataset["chosen_ids"], dataset["rejected_ids"])]
     raise ValueError(f"length_grouping: cannot find token columns in the training data (columns: {sorted(columns)})")
 
 

@@ -68,8 +68,8 @@ def test_order_depends_on_seed_and_epoch_only() -> None:
 
 def test_row_lengths_of_sft_and_pair_datasets() -> None:
     sft = Dataset.from_dict({"input_ids": [[1, 2, 3], [1]]})
-    pairs = Dataset.from_dict({"prompt_input_ids": [[1, 2], [1]], "chosen_input_ids": [[3], [4, 5, 6]], "rejected_input_ids": [[3, 4, 5], [6]]})
-    reward = Dataset.from_dict({"chosen_input_ids": [[1, 2], [1]], "rejected_input_ids": [[1], [1, 2, 3]]})
+    pairs = Dataset.from_dict({"prompt_ids": [[1, 2], [1]], "chosen_ids": [[3], [4, 5, 6]], "rejected_ids": [[3, 4, 5], [6]]})
+    reward = Dataset.from_dict({"chosen_ids": [[1, 2], [1]], "rejected_ids": [[1], [1, 2, 3]]})
     assert row_lengths(sft) == [3, 1]
     assert row_lengths(pairs) == [5, 4]
     assert row_lengths(reward) == [2, 3]
@@ -90,5 +90,26 @@ def test_length_grouped_trainer_uses_the_sampler(tiny_tokenizer, tmp_path) -> No
     assert isinstance(sampler, LengthBucketSampler) and sampler.seed == 3 and sampler.batch_size == 8
     order = sampler.indices()
     lengths = row_lengths(trainer.train_dataset)
+    random_order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    assert _padding(order, lengths, 8) < 0.7 * _padding(random_order, lengths, 8)
+
+
+def test_length_grouped_reward_trainer_reads_trls_own_pair_columns(tiny_tokenizer, tmp_path) -> None:
+    """On the dataset RewardTrainer itself tokenized (not hand-named columns): the sampler finds the lengths."""
+    from trl import RewardConfig, RewardTrainer
+
+    from stages import models
+    from stages.registry import Registry
+
+    model = models.load_sequence_classifier(Registry().get("tiny-llama"))
+    rows = [
+        {"prompt": [{"role": "user", "content": "x" * n}], "chosen": [{"role": "assistant", "content": "y"}], "rejected": [{"role": "assistant", "content": "zz"}]}
+        for n in range(5, 69)
+    ]
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True, report_to=[], bf16=False, seed=3)
+    trainer = length_grouped(RewardTrainer, 2)(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+    lengths = row_lengths(trainer.train_dataset)
+    assert lengths == sorted(lengths) and lengths[-1] - lengths[0] == 63  # one more prompt character per row
+    order = trainer._get_train_sampler().indices()
     random_order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
     assert _padding(order, lengths, 8) < 0.7 * _padding(random_order, lengths, 8)

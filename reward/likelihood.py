@@ -2,7 +2,8 @@
 
 score(prompt, response) = Σ_t log p(response token t | prompt, earlier response tokens), the sum over
 every token after the prompt (the reply, and whatever the template renders after it: its end token), under
-a copy of the SFT model trained with the same Bradley-Terry loss as the classifier head. It is the "your language model
+a copy of the SFT model trained with the same Bradley-Terry loss as the classifier head (plus, with
+`chosen_nll_coefficient`, the chosen reply's negative log-likelihood: `with_chosen_nll`). It is the "your language model
 is secretly a reward model" reading (DPO's implicit reward, with the SFT model as its own start and
 no reference term).
 

@@ -19,9 +19,9 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Sampler
 
-# Token columns of TRL's tokenized datasets: SFT has input_ids; reward and DPO have the pair's two sides
-# (DPO also prompt_input_ids).
-_PAIR_COLUMNS = ("chosen_ids", "rejected_ids")  # TRL 1.x: DPOTrainer (+ prompt_ids), RewardTrainer (prompt inside)
+# Token columns of TRL 1.x's tokenized datasets: SFT has input_ids; reward and DPO have the pair's two sides
+# (RewardTrainer's include the prompt; DPOTrainer keeps it apart in prompt_ids).
+_PAIR_COLUMNS = ("chosen_ids", "rejected_ids")
 
 
 class LengthBucketSampler(Sampler[int]):

@@ -8,7 +8,7 @@ import torch
 
 from reward.losses import pairwise_accuracy
 from reward.pairs import embedded_pairs
-from reward.scoring import score
+from reward.scoring import score_across_ranks
 from stages import evaluation, tasks
 
 
@@ -25,9 +25,10 @@ def heldout_pairs(
 
 
 def pairwise_metrics(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy and margins of `model` on held-out pairs (collective under the launcher)."""
     prompts = [pair["prompt"] for pair in pairs]
-    chosen = score(model, tokenizer, prompts, [pair["chosen"][-1]["content"] for pair in pairs])
-    rejected = score(model, tokenizer, prompts, [pair["rejected"][-1]["content"] for pair in pairs])
+    chosen = score_across_ranks(model, tokenizer, prompts, [pair["chosen"][-1]["content"] for pair in pairs])
+    rejected = score_across_ranks(model, tokenizer, prompts, [pair["rejected"][-1]["content"] for pair in pairs])
     metrics = {
         "eval/pairwise_accuracy": pairwise_accuracy(chosen, rejected),
         "eval/reward_margin": (chosen - rejected).mean().item(),

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from stages import distributed
+
 
 def render(tokenizer: Any, prompt: list[dict[str, str]], response: str) -> str:
     """The full conversation text a reward model sees: prompt turns + the assistant response."""
@@ -44,6 +46,21 @@ def score(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def score_across_ranks(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], responses: list[str], batch_size: int = 64
+) -> torch.Tensor:
+    """score(), with the batches dealt out to the launcher's ranks; every rank gets every score.
+    Collective: call it on every rank (outside the launcher it is score())."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
+    chunk_size = max(1, min(batch_size, -(-len(prompts) // distributed.world_size())))
+
+    def score_chunk(_: int, chunk: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+        return score(model, tokenizer, [prompt for prompt, _ in chunk], [response for _, response in chunk], batch_size).tolist()
+
+    return torch.tensor(distributed.map_shards(score_chunk, list(zip(prompts, responses)), chunk_size))
 
 
 def _prompt_length(tokenizer: Any, prompt: list[dict[str, str]]) -> int:

@@ -23,6 +23,7 @@ from stages.registry import Entry, Registry, rlhf_home
 from stages.secrets import scrub
 
 MANIFEST = "stage_config.json"
+SHARED_DATASET = ".train_dataset"  # see shared_dataset
 # Per-step training history in a checkpoint: HF Trainer's log_history (TRL stages), our PPO's steps.
 HISTORY_FILES = ("trainer_state.json", "history.jsonl")
 # Errors that are the user's to fix: printed as one line, no traceback.
@@ -323,8 +324,8 @@ def print_summary(run: StageRun, metrics: dict[str, Any], card: dict[str, Any]) 
 
 def _claim_output_dir(run: StageRun, config: StageConfig, resolved: dict[str, Any]) -> None:
     manifest = run.output_dir / MANIFEST
-    # A directory holding only a manifest is a run that failed before writing anything: reuse it.
-    if run.output_dir.exists() and any(path.name != MANIFEST for path in run.output_dir.iterdir()):
+    # A directory holding only a manifest (and the dataset copy) is a run that failed before writing anything: reuse it.
+    if run.output_dir.exists() and any(path.name not in (MANIFEST, SHARED_DATASET) for path in run.output_dir.iterdir()):
         ready = [e for e in run.registry.list(include_builtin=False) if Path(e.path) == run.output_dir and e.status == "ready"]
         held_stage = json.loads(manifest.read_text()).get("stage", run.stage) if manifest.exists() else run.stage
         if config.resume and held_stage != run.stage:
@@ -360,30 +361,53 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def remove_checkpoints(output_dir: Path) -> None:
-    """Drop intermediate checkpoints once the final model is saved and registered, keeping the newest
-    one's training history: the final save writes weights only, and `rlhf report` draws its curves
-    from these files (with a save strategy of "no" there is no checkpoint, hence no history)."""
+    """Drop intermediate checkpoints (and the shared dataset copy) once the final model is saved and
+    registered, keeping the newest checkpoint's training history: the final save writes weights only, and
+    `rlhf report` draws its curves from these files (with a save strategy of "no" there is no checkpoint,
+    hence no history). Main process only."""
+    if not distributed.is_main_process():
+        return
     newest = last_checkpoint(output_dir)
     for name in HISTORY_FILES:
         if newest is not None and (Path(newest) / name).is_file():
             shutil.copyfile(Path(newest) / name, output_dir / name)
     for checkpoint in output_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(output_dir / SHARED_DATASET, ignore_errors=True)
 
 
-def settle_after_save(stage: StageRun, config: StageConfig, base: Entry, merge_lora: bool, sequence_classifier: bool = False) -> bool:
+def shared_dataset(stage: StageRun, dataset: Any) -> Any:
+    """The training dataset, read by every rank from one copy on disk that rank 0 writes.
+
+    TRL tokenizes on the main process first and then on the others, for them to read its cache files;
+    an in-memory dataset has no cache files, so the other ranks would tokenize it all again, one after
+    the other. Outside the launcher, or where rank 0's copy is not visible (nodes without a shared
+    RLHF_HOME), the in-memory dataset is returned and every rank tokenizes for itself.
+    """
+    if distributed.world_size() == 1:
+        return dataset
+    from datasets import load_from_disk
+
+    path = stage.output_dir / SHARED_DATASET
+    if distributed.is_main_process():
+        shutil.rmtree(path, ignore_errors=True)
+        dataset.save_to_disk(str(path))
+    distributed.barrier()
+    return load_from_disk(str(path)) if (path / "state.json").is_file() else dataset
+
+
+def settle_after_save(stage: StageRun, config: StageConfig, base: Entry, merge_lora: bool, sequence_classifier: bool = False) -> None:
     """After every rank saved: leave ZeRO-3 model construction, merge LoRA on rank 0, and wait for it.
 
-    Returns True on the main process, which alone evaluates and registers. The order matters: under
-    ZeRO-3, any model built while the DeepSpeed config is still active is partitioned, and its
-    construction waits on ranks that have already gone.
+    Every rank then evaluates its share of the held-out set (stages/evaluation.py); rank 0 alone
+    registers. The order matters: under ZeRO-3, any model built while the DeepSpeed config is still
+    active is partitioned, and its construction would wait on the other ranks.
     """
     distributed.barrier()
     distributed.end_zero3_init()
     if distributed.is_main_process() and config.lora.enabled and merge_lora:
         merge_adapters(base, stage.output_dir, config.trust_remote_code, sequence_classifier)
     distributed.barrier()
-    return distributed.is_main_process()
 
 
 def last_checkpoint(output_dir: Path) -> str | None:

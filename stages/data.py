@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from stages import tasks, templates
+from stages import distributed, tasks, templates
 
 SUPPORTED_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -150,6 +150,12 @@ def token_count(tokenizer: Any, row: dict[str, Any]) -> int:
     if not answers:  # a prompt for online RL: the model writes the answer
         texts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)]
     return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+
+def token_counts(tokenizer: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """token_count of every row, the rows split between the launcher's ranks (collective under it)."""
+    chunk_size = max(1, -(-len(rows) // distributed.world_size()))
+    return distributed.map_shards(lambda _, chunk: [token_count(tokenizer, row) for row in chunk], rows, chunk_size)
 
 
 def _rephrase(

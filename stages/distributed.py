@@ -10,6 +10,10 @@ On the same hosts DeepSpeed 0.19 compiles a shared-memory all-reduce kernel the 
 backend starts (45 s on this 2-core machine, once per machine). Only tensor-parallel inference uses it;
 ZeRO's gradient and parameter traffic goes through torch.distributed (gloo). `_skip_shm_kernel` skips
 the build on CPU ranks.
+
+Under the launcher every stage joins the process group at its start (`setup`), before any data is built,
+so that the ranks can split inference between them: `map_shards` deals out the batches of on-policy
+sampling and of the held-out evaluation, and every rank gets the whole result.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _patched = False
@@ -30,10 +37,14 @@ class DeepSpeedConfigError(ValueError):
 
 
 def setup() -> None:
-    """Call first in every stage: makes HF Trainer + DeepSpeed work on CPU-only ranks."""
-    if is_distributed_launch() and not torch.cuda.is_available():
+    """Call first in every stage: makes HF Trainer + DeepSpeed work on CPU-only ranks, and joins the
+    launcher's process group now rather than when the trainer is built (see map_shards)."""
+    if not is_distributed_launch():
+        return
+    if not torch.cuda.is_available():
         _patch_accelerate_for_cpu_ranks()
         _skip_shm_kernel()
+    _join_process_group()
 
 
 def is_distributed_launch() -> bool:
@@ -46,6 +57,40 @@ def rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def world_size() -> int:
+    """Processes in the group (1 outside the launcher)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def device() -> torch.device:
+    """Where this rank runs inference (sampling, evaluation): its own GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def map_shards(function: Callable[[int, list[Item]], list[Result]], items: list[Item], chunk_size: int) -> list[Result]:
+    """`function(chunk_index, chunk)` over consecutive chunks of `items`, the chunks dealt out round-robin
+    to the ranks; every rank returns all results, in the order of `items`.
+
+    Collective under the launcher: every rank must call it with the same items. A chunk's result must
+    depend only on its index and contents (seed sampling from the index), so that the outcome does not
+    depend on the number of ranks.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunks = [items[start : start + chunk_size] for start in range(0, len(items), chunk_size)]
+    size = world_size()
+    own = {index: function(index, chunks[index]) for index in range(rank() % size, len(chunks), size)}
+    if size > 1:
+        gathered: list[dict[int, list[Result]]] = [{} for _ in range(size)]
+        torch.distributed.all_gather_object(gathered, own)
+        own = {index: results for part in gathered for index, results in part.items()}
+    return [result for index in range(len(chunks)) for result in own[index]]
 
 
 def barrier() -> None:
@@ -102,6 +147,17 @@ def resolve_deepspeed_config(path: str | None) -> str | None:
 
 def shipped_deepspeed_configs() -> list[str]:
     return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "deepspeed_configs").glob("*.json"))
+
+
+def _join_process_group() -> None:
+    if torch.distributed.is_initialized():
+        return
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # NCCL collectives run on this rank's GPU
+    # The backend accelerate would pick later (gloo without a GPU); the trainer then reuses this group.
+    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
 
 
 def _patch_accelerate_for_cpu_ranks() -> None:

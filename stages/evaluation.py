@@ -8,6 +8,10 @@ scores, each with a per-family breakdown (`KEY/FAMILY`):
   embedded training data (only when some are held out).
 Generation is batched with left padding and the KV cache; decoding is greedy so numbers are
 comparable between stages.
+
+Under the deepspeed launcher, generation is collective: every rank calls these functions, answers its
+share of the batches (stages/distributed.py, map_shards) and gets every answer. Sampled batches have a
+fixed size and a seed of their own, so on-policy samples are the same at any number of ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from typing import Any, Callable
 
 import torch
 
-from stages import tasks
+from stages import distributed, tasks
+
+# Sampled generation runs in batches of this size, each with its own seed: the samples then do not depend
+# on how many ranks share the batches (64: even 200 prompts still give every rank of 2-4 some work).
+SAMPLE_BATCH_SIZE = 64
 
 
 @dataclass
@@ -81,7 +89,6 @@ def for_entry(entry: Any, num_prompts: int, seed: int) -> EvalConfig:
     )
 
 
-@torch.no_grad()
 def generate(
     model: Any,
     tokenizer: Any,
@@ -90,51 +97,89 @@ def generate(
     batch_size: int,
     do_sample: bool = False,
     temperature: float = 1.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Answer chat prompts; returns decoded responses without special tokens."""
-    was_training = model.training
-    model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    responses: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[start : start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
-            responses += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return responses
+    """Answer chat prompts; returns decoded responses without special tokens. Collective under the launcher.
+
+    Greedy: the prompts are spread over the ranks in batches of at most `batch_size`. Sampled: batches of
+    exactly `batch_size`, batch i drawn with its own seed (from `seed` and i), without moving the caller's
+    global RNG.
+    """
+    if do_sample:
+        chunk_size = batch_size
+    else:
+        chunk_size = max(1, min(batch_size, -(-len(prompts) // distributed.world_size())))
+
+    def answer(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[str]:
+        if not do_sample:
+            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample=False, temperature=temperature)
+        with torch.random.fork_rng(devices=_cuda_index(model)):
+            torch.manual_seed(batch_seed(seed, index))
+            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample=True, temperature=temperature)
+
+    return distributed.map_shards(answer, prompts, chunk_size)
 
 
 def sample_responses(
     model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], seed: int, max_new_tokens: int, temperature: float = 1.0
 ) -> list[str]:
-    """One sampled answer per prompt, seeded, without moving the caller's global RNG (on-policy negatives)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return generate(model, tokenizer, prompts, max_new_tokens, 256, do_sample=True, temperature=temperature)
+    """One sampled answer per prompt, seeded (on-policy negatives). Collective under the launcher."""
+    return generate(model, tokenizer, prompts, max_new_tokens, SAMPLE_BATCH_SIZE, do_sample=True, temperature=temperature, seed=seed)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one sampled batch: distinct for nearby seeds too (seed 42 batch 1 vs seed 43 batch 0)."""
+    return seed * 100_003 + batch_index
+
+
+@torch.no_grad()
+def _generate_batch(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, do_sample: bool, temperature: float
+) -> list[str]:
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    try:
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+
+
+def _cuda_index(model: Any) -> list[int]:
+    """The GPU whose RNG a seeded batch must fork (none on CPU)."""
+    device = model.device
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out exact match on seen phrasings, unseen phrasings and unseen families; plus a few samples."""
+    metrics, samples, _ = _exact_match(model, tokenizer, config)
+    return metrics, samples
+
+
+def _exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]], list[str]]:
+    """exact_match, plus the answers to the seen-phrasing prompts (`heldout_rows(config)`, in order)."""
     splits = [("eval/exact_match", "train", None), ("eval/exact_match_unseen_templates", "heldout", None)]
     if config.heldout_tasks:
         splits.append(("eval/exact_match_unseen_tasks", "train", config.heldout_tasks))
     metrics: dict[str, float] = {}
     samples: list[dict[str, Any]] = []
+    seen_responses: list[str] = []
     for key, template_set, families in splits:
         rows = heldout_rows(config, template_set, families)
         responses = generate(model, tokenizer, [row["prompt"] for row in rows], config.max_new_tokens, config.batch_size)
@@ -145,51 +190,60 @@ def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[st
         metrics[key] = sum(scores) / len(scores)
         metrics |= {f"{key}/{task}": sum(s) / len(s) for task, s in sorted(per_task.items())}
         if key == "eval/exact_match":
+            seen_responses = responses
             samples = [
                 {"prompt": row["prompt"][-1]["content"], "response": response, "answer": row["answer"]}
                 for row, response in list(zip(rows, responses))[: config.num_samples]
             ]
     metrics["eval/num_prompts"] = float(config.num_prompts)
-    return metrics, samples
+    return metrics, samples, seen_responses
 
 
-@torch.no_grad()
-def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int, seed: int) -> tuple[float, float]:
+def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, seed: int) -> tuple[float, float]:
     """Sampled estimate of KL(policy || reference) per response, and the mean response length.
 
     One response per prompt at temperature 1; KL = mean over prompts of Σ_t [log π(y_t) − log π_ref(y_t)]
-    (the k1 estimator, unbiased for the sequence-level KL).
+    (the k1 estimator, unbiased for the sequence-level KL). Collective under the launcher, seeded per batch
+    like `generate`.
     """
+
+    def estimate(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[tuple[float, float]]:
+        with torch.random.fork_rng(devices=_cuda_index(policy)):
+            torch.manual_seed(batch_seed(seed, index))
+            kls, lengths = _kl_batch(policy, reference, tokenizer, batch_prompts, max_new_tokens)
+        return list(zip(kls.tolist(), lengths.tolist()))
+
+    per_prompt = distributed.map_shards(estimate, prompts, SAMPLE_BATCH_SIZE)
+    return sum(kl for kl, _ in per_prompt) / len(per_prompt), sum(length for _, length in per_prompt) / len(per_prompt)
+
+
+@torch.no_grad()
+def _kl_batch(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt sampled log-ratio sums and response lengths, each (batch,)."""
     from stages.ppo_math import response_mask_from_eos, token_logprobs
 
     policy.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    kls, lengths = [], []
     try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), batch_size):
-                texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[start : start + batch_size]]
-                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
-                sequences = policy.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )
-                prompt_length = batch["input_ids"].shape[1]
-                response_ids = sequences[:, prompt_length:]  # (batch, response_len)
-                response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
-                attention_mask = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                logprobs = []
-                for model in (policy, reference):
-                    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-                    logprobs.append(token_logprobs(logits[:, prompt_length - 1 : -1], response_ids))
-                kls.append(((logprobs[0] - logprobs[1]) * response_mask).sum(-1))
-                lengths.append(response_mask.sum(-1).float())
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
+        sequences = policy.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        prompt_length = batch["input_ids"].shape[1]
+        response_ids = sequences[:, prompt_length:]  # (batch, response_len)
+        response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
+        attention_mask = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logprobs = []
+        for model in (policy, reference):
+            logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+            logprobs.append(token_logprobs(logits[:, prompt_length - 1 : -1], response_ids))
     finally:
         tokenizer.padding_side = padding_side
-    return torch.cat(kls).mean().item(), torch.cat(lengths).mean().item()
+    return ((logprobs[0] - logprobs[1]) * response_mask).sum(-1).cpu(), response_mask.sum(-1).float().cpu()
 
 
 def policy_metrics(
@@ -204,17 +258,15 @@ def policy_metrics(
     reference's (the SFT model's) answer to the same prompt and its reward, for the run report.
 
     The reference is scored on the very same prompts (`eval/ref_*`), so "did the algorithm improve on
-    its starting point" is one subtraction, free of prompt-draw and template-file differences."""
-    metrics, samples = exact_match(policy, tokenizer, config)
-    reference_metrics, _ = exact_match(reference, tokenizer, config)
+    its starting point" is one subtraction, free of prompt-draw and template-file differences.
+    Collective under the launcher (and so must `reward_fn` be, if it shares work between ranks)."""
+    metrics, samples, responses = _exact_match(policy, tokenizer, config)
+    reference_metrics, _, reference_responses = _exact_match(reference, tokenizer, config)
     metrics |= {key.replace("eval/", "eval/ref_", 1): value for key, value in reference_metrics.items() if key.startswith("eval/exact_match")}
-    rows = heldout_rows(config)
-    prompts = [row["prompt"] for row in rows]
-    reference_responses = generate(reference, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+    prompts = [row["prompt"] for row in heldout_rows(config)]  # the prompts `responses` answer
     for sample, reference_response in zip(samples, reference_responses):
         sample["reference_response"] = reference_response
     if reward_fn is not None:
-        responses = generate(policy, tokenizer, prompts, config.max_new_tokens, config.batch_size)
         rewards = reward_fn(prompts, responses)
         reference_rewards = reward_fn(prompts, reference_responses)
         metrics["eval/reward_mean"] = rewards.mean().item()
@@ -222,7 +274,7 @@ def policy_metrics(
         for sample, reward, reference_reward in zip(samples, rewards.tolist(), reference_rewards.tolist()):
             sample["reward"] = reward
             sample["reference_reward"] = reference_reward
-    kl, length = kl_to_reference(policy, reference, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.seed)
+    kl, length = kl_to_reference(policy, reference, tokenizer, prompts, config.max_new_tokens, config.seed)
     metrics["eval/kl_to_ref"] = kl
     metrics["eval/response_length"] = length
     return metrics, samples

@@ -26,7 +26,7 @@ import torch
 
 from reward.pairs import embedded_pairs
 from reward.models import load_reward
-from reward.scoring import check_same_tokenizer, score
+from reward.scoring import check_same_tokenizer, score_across_ranks
 from reward.verifiable import exact_answer_reward
 from stages import batching, common, data, distributed, evaluation, mixture, models, tasks
 from stages.config import ConfigError
@@ -115,15 +115,15 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     # -- save ----------------------------------------------------------------------------------
     common.save_output(stage, outcome["save"])
     # PPO's save_model already merges adapters into the actor it writes.
-    if not common.settle_after_save(stage, config, base, merge_lora=config.algorithm != "ppo"):
-        return {}
+    common.settle_after_save(stage, config, base, merge_lora=config.algorithm != "ppo")
 
-    # -- evaluate (on the saved model, against a freshly loaded reference) -------------------------
-    saved = models.load_causal_lm(Registry().get(str(stage.output_dir)))
-    reference = models.load_causal_lm(base, config.trust_remote_code)
-    # Reloaded: under ZeRO-3 the training copy is partitioned across ranks that have now exited.
-    eval_reward_model = load_reward(reward_entry, config.trust_remote_code) if reward_entry else None
-    reward_fn = (lambda prompts, responses: score(eval_reward_model, tokenizer, prompts, responses)) if eval_reward_model else None
+    # -- evaluate (on the saved model, against a freshly loaded reference; every rank a share) -------
+    device = distributed.device()
+    saved = models.load_causal_lm(Registry().get(str(stage.output_dir))).to(device)
+    reference = models.load_causal_lm(base, config.trust_remote_code).to(device)
+    # Reloaded: under ZeRO-3 the training copy is partitioned across the ranks.
+    eval_reward_model = load_reward(reward_entry, config.trust_remote_code).to(device) if reward_entry else None
+    reward_fn = (lambda prompts, responses: score_across_ranks(eval_reward_model, tokenizer, prompts, responses)) if eval_reward_model else None
     metrics: dict[str, Any] = {"train/loss": outcome["loss"], "algorithm": config.algorithm} | outcome["mixture"]
     samples: list[dict[str, Any]] = []
     if config.eval.enabled:
@@ -131,7 +131,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         metrics |= eval_metrics
 
     # -- register ------------------------------------------------------------------------------
-    if reward_entry is not None:
+    if reward_entry is not None and distributed.is_main_process():
         stage.registry.update(stage.entry.ref, metrics=metrics | {"reward_model": reward_entry.ref})
     common.remove_checkpoints(stage.output_dir)
     common.finish(
@@ -160,7 +160,7 @@ def _train_dpo(config: PolicyStageConfig, stage: common.StageRun, examples: list
         model=policy,
         ref_model=reference,  # None with LoRA: TRL then uses the adapter-disabled policy
         args=common.trl_args(DPOConfig, stage, config, config.dpo, deepspeed_config),
-        train_dataset=Dataset.from_list(mixture.strip_source(pairs)),
+        train_dataset=common.shared_dataset(stage, Dataset.from_list(mixture.strip_source(pairs))),
         processing_class=tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
@@ -267,6 +267,7 @@ def _preference_pairs(config: PolicyStageConfig, policy: Any, tokenizer: Any) ->
         rows = data.embedded_rows(spec, seed, count or 3000, config.eval.heldout_tasks)
         sampled = None
         if config.onpolicy_negatives:
+            policy.to(distributed.device())  # where the trainer will put it anyway
             sampled = evaluation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], seed - 1, config.eval.max_new_tokens)
         generated = embedded_pairs(len(rows), seed - 1, sampled_responses=sampled, rows=rows)
         print(f"policy: {len(generated)} embedded pairs, {sum(p['on_policy'] for p in generated)} rejecting the SFT model's own mistakes")
@@ -299,7 +300,7 @@ def _prompt_rows(config: PolicyStageConfig) -> list[dict[str, Any]]:
 
 
 def _mixture_metrics(config: PolicyStageConfig, rows: list[dict[str, Any]], tokenizer: Any) -> dict[str, float]:
-    metrics = mixture.report(rows, [data.token_count(tokenizer, row) for row in rows], mixture.requested_shares(config.datasets, config.mixture_size))
+    metrics = mixture.report(rows, data.token_counts(tokenizer, rows), mixture.requested_shares(config.datasets, config.mixture_size))
     print("policy: training mixture\n" + mixture.describe(metrics))
     return metrics
 

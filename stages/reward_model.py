@@ -119,9 +119,9 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         return rows
 
     pairs = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
-    mixture_metrics = mixture.report(pairs, [data.token_count(tokenizer, pair) for pair in pairs], mixture.requested_shares(config.datasets, config.mixture_size))
+    mixture_metrics = mixture.report(pairs, data.token_counts(tokenizer, pairs), mixture.requested_shares(config.datasets, config.mixture_size))
     print("reward: training mixture\n" + mixture.describe(mixture_metrics))
-    train_dataset = _to_dataset(pairs)
+    train_dataset = common.shared_dataset(stage, _to_dataset(pairs))
     dataset_fingerprint = data.fingerprint(pairs)
 
     # -- trainer -------------------------------------------------------------------------------
@@ -151,15 +151,17 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     # -- save ----------------------------------------------------------------------------------
     common.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
     classifier = config.head == "classifier"
-    if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=classifier):
-        return {}
-    if not classifier:
+    common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=classifier)
+    if not classifier and distributed.is_main_process():
         config_file = stage.output_dir / "config.json"
         common.write_json(config_file, likelihood.marked_config(json.loads(config_file.read_text()), tokenizer))
+    distributed.barrier()  # every rank loads the marked config below
 
-    # -- evaluate (on the saved model) ------------------------------------------------------------
+    # -- evaluate (on the saved model; every rank a share) -----------------------------------------
     saved = Registry().get(str(stage.output_dir))
-    reward_model = load_reward(saved)
+    reward_model = load_reward(saved).to(distributed.device())
+    if policy is not None:
+        policy.to(distributed.device())
     heldout = reward_evaluation.heldout_pairs(
         policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks
     )
@@ -200,7 +202,10 @@ def _embedded_training_pairs(
     sampled = None
     if config.onpolicy_negatives and policy is not None:
         prompts = [row["prompt"] for row in rows]
+        # On this rank's accelerator while sampling, then back: training needs that memory.
+        policy.to(distributed.device())
         sampled = evaluation.sample_responses(policy, tokenizer, prompts, seed, config.eval.max_new_tokens, config.sample_temperature)
+        policy.to("cpu")
     pairs = embedded_pairs(len(rows), seed, sampled_responses=sampled, rows=rows)
     on_policy = sum(pair["on_policy"] for pair in pairs)
     print(f"reward: {len(pairs)} embedded pairs, {on_policy} with the policy's own mistakes as the rejected answer")

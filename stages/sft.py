@@ -76,7 +76,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     rows, token_counts = _drop_too_long(rows, tokenizer, config.train.get("max_length", 1024))
     mixture_metrics = mixture.report(rows, token_counts, mixture.requested_shares(config.datasets, config.mixture_size))
     print("sft: training mixture\n" + mixture.describe(mixture_metrics))
-    train_dataset = _to_dataset(rows)
+    train_dataset = common.shared_dataset(stage, _to_dataset(rows))
     dataset_fingerprint = data.fingerprint(rows)
 
     # -- trainer -------------------------------------------------------------------------------
@@ -104,17 +104,16 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
 
     # -- save ----------------------------------------------------------------------------------
     common.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
-    if not common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save):
-        return {}
+    common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save)
 
-    # -- evaluate (on the saved model: what the next stage will load) ----------------------------
+    # -- evaluate (on the saved model: what the next stage will load; every rank a share) ---------
     metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/examples": len(rows)} | mixture_metrics
     samples: list[dict[str, Any]] = []
     if config.eval.enabled:
         adapters_only = config.lora.enabled and not config.lora.merge_on_save  # no full model on disk to reload
         saved = None if adapters_only else Registry().get(str(stage.output_dir))
         eval_metrics, samples = evaluation.exact_match(
-            trainer.model if saved is None else models.load_causal_lm(saved),
+            trainer.model if saved is None else models.load_causal_lm(saved).to(distributed.device()),
             tokenizer if saved is None else models.load_tokenizer(saved),
             config.eval,
         )
@@ -138,7 +137,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
 
 def _drop_too_long(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None) -> tuple[list[dict[str, Any]], list[int]]:
     """The rows that fit `max_length`, and their token counts (for the mixture report)."""
-    lengths = [data.token_count(tokenizer, row) for row in rows]
+    lengths = data.token_counts(tokenizer, rows)
     kept = [(row, length) for row, length in zip(rows, lengths) if max_length is None or length <= max_length]
     dropped = len(rows) - len(kept)
     if not kept:

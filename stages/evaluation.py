@@ -111,11 +111,9 @@ def generate(
         chunk_size = max(1, min(batch_size, -(-len(prompts) // distributed.world_size())))
 
     def answer(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[str]:
-        if not do_sample:
-            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample=False, temperature=temperature)
         with torch.random.fork_rng(devices=_cuda_index(model)):
-            torch.manual_seed(batch_seed(seed, index))
-            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample=True, temperature=temperature)
+            torch.manual_seed(batch_seed(seed, index))  # only sampling draws from it
+            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample, temperature)
 
     return distributed.map_shards(answer, prompts, chunk_size)
 

@@ -52,6 +52,9 @@ def is_distributed_launch() -> bool:
 
 
 def rank() -> int:
+    """This process's global rank: the process group's once joined, else the launcher's RANK (0 outside it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
     return int(os.environ.get("RANK", 0))
 
 

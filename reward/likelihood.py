@@ -194,8 +194,12 @@ def is_likelihood_head(path: str | Path) -> bool:
     return (json.loads(config_file.read_text()).get(HEAD_KEY) or {}).get("kind") == KIND
 
 
-def marked_config(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """A saved checkpoint's config.json contents with the head recorded (a LoRA merge saves a config without
-    it) and the plain LM class as its architecture, so other tools load it as the causal LM it is."""
+def mark_saved_config(path: str | Path, tokenizer: Any) -> None:
+    """Rewrite the config.json of the checkpoint saved at `path` with the head recorded (a LoRA merge saves a
+    config without it) and the plain LM class as its architecture, so other tools load it as the causal LM it is."""
+    from stages.common import write_json  # atomic; lazily, as this module is also imported for its math
+
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text())
     architectures = [name.removeprefix("LikelihoodReward") for name in config.get("architectures") or []]
-    return config | {HEAD_KEY: head_config(tokenizer), "architectures": architectures}
+    write_json(config_file, config | {HEAD_KEY: head_config(tokenizer), "architectures": architectures})

@@ -17,7 +17,6 @@ Run:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -153,8 +152,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     classifier = config.head == "classifier"
     common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=classifier)
     if not classifier and distributed.is_main_process():
-        config_file = stage.output_dir / "config.json"
-        common.write_json(config_file, likelihood.marked_config(json.loads(config_file.read_text()), tokenizer))
+        likelihood.mark_saved_config(stage.output_dir, tokenizer)
     distributed.barrier()  # every rank loads the marked config below
 
     # -- evaluate (on the saved model; every rank a share) -----------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from reward import likelihood
 from reward.scoring import render, score
-from stages import common, models
+from stages import models
 from stages.registry import Registry
 
 
@@ -91,8 +90,7 @@ def test_saved_checkpoint_loads_as_plain_lm_and_as_reward_model(tmp_path, tiny_t
     reward_model = _reward_model(tiny_tokenizer)
     reward_model.save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
-    config_file = tmp_path / "rm" / "config.json"  # what the reward stage does after saving
-    common.write_json(config_file, likelihood.marked_config(json.loads(config_file.read_text()), tiny_tokenizer))
+    likelihood.mark_saved_config(tmp_path / "rm", tiny_tokenizer)  # what the reward stage does after saving
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "rm")
     assert type(plain).__name__ == "LlamaForCausalLM" and plain.config.architectures == ["LlamaForCausalLM"]

@@ -55,7 +55,7 @@ def score_across_ranks(
     Collective: call it on every rank (outside the launcher it is score())."""
     if len(prompts) != len(responses):
         raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
-    chunk_size = max(1, min(batch_size, -(-len(prompts) // distributed.world_size())))
+    chunk_size = distributed.spread_chunk_size(len(prompts), at_most=batch_size)
 
     def score_chunk(_: int, chunk: list[tuple[list[dict[str, str]], str]]) -> list[float]:
         return score(model, tokenizer, [prompt for prompt, _ in chunk], [response for _, response in chunk], batch_size).tolist()

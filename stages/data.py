@@ -154,7 +154,7 @@ def token_count(tokenizer: Any, row: dict[str, Any]) -> int:
 
 def token_counts(tokenizer: Any, rows: list[dict[str, Any]]) -> list[int]:
     """token_count of every row, the rows split between the launcher's ranks (collective under it)."""
-    chunk_size = max(1, -(-len(rows) // distributed.world_size()))
+    chunk_size = distributed.spread_chunk_size(len(rows))
     return distributed.map_shards(lambda _, chunk: [token_count(tokenizer, row) for row in chunk], rows, chunk_size)
 
 

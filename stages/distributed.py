@@ -76,6 +76,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def spread_chunk_size(num_items: int, at_most: int | None = None) -> int:
+    """A chunk size that gives every rank one chunk of `num_items` (at most `at_most` items each), for work whose
+    result does not depend on how it is chunked (greedy answers, scores, token counts)."""
+    even = max(1, -(-num_items // world_size()))
+    return even if at_most is None else max(1, min(at_most, even))
+
+
 def map_shards(function: Callable[[int, list[Item]], list[Result]], items: list[Item], chunk_size: int) -> list[Result]:
     """`function(chunk_index, chunk)` over consecutive chunks of `items`, the chunks dealt out round-robin
     to the ranks; every rank returns all results, in the order of `items`.

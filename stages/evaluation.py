@@ -17,8 +17,9 @@ fixed size and a seed of their own, so on-policy samples are the same at any num
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -105,14 +106,10 @@ def generate(
     exactly `batch_size`, batch i drawn with its own seed (from `seed` and i), without moving the caller's
     global RNG.
     """
-    if do_sample:
-        chunk_size = batch_size
-    else:
-        chunk_size = max(1, min(batch_size, -(-len(prompts) // distributed.world_size())))
+    chunk_size = batch_size if do_sample else distributed.spread_chunk_size(len(prompts), at_most=batch_size)
 
     def answer(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[str]:
-        with torch.random.fork_rng(devices=_cuda_index(model)):
-            torch.manual_seed(batch_seed(seed, index))  # only sampling draws from it
+        with _batch_rng(model, seed, index):  # only sampling draws from it
             return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample, temperature)
 
     return distributed.map_shards(answer, prompts, chunk_size)
@@ -130,38 +127,50 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return seed * 100_003 + batch_index
 
 
+@contextmanager
+def _batch_rng(model: Any, seed: int, batch_index: int) -> Iterator[None]:
+    """The global RNG (CPU, and the model's GPU) seeded for one batch, and restored afterwards."""
+    device = model.device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(batch_seed(seed, batch_index))
+        yield
+
+
+@contextmanager
+def _left_padded(tokenizer: Any, prompts: list[list[dict[str, str]]], device: torch.device) -> Iterator[Any]:
+    """The chat-formatted prompts as one left-padded batch (generation continues from the right edge of
+    every row); the tokenizer's padding side is restored afterwards."""
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        yield tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = padding_side
+
+
 @torch.no_grad()
 def _generate_batch(
     model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, do_sample: bool, temperature: float
 ) -> list[str]:
     was_training = model.training
     model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     try:
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
+        with _left_padded(tokenizer, prompts, model.device) as batch:
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
-
-
-def _cuda_index(model: Any) -> list[int]:
-    """The GPU whose RNG a seeded batch must fork (none on CPU)."""
-    device = model.device
-    return [device.index or 0] if device.type == "cuda" else []
 
 
 def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -206,8 +215,7 @@ def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[l
     """
 
     def estimate(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[tuple[float, float]]:
-        with torch.random.fork_rng(devices=_cuda_index(policy)):
-            torch.manual_seed(batch_seed(seed, index))
+        with _batch_rng(policy, seed, index):
             kls, lengths = _kl_batch(policy, reference, tokenizer, batch_prompts, max_new_tokens)
         return list(zip(kls.tolist(), lengths.tolist()))
 
@@ -221,11 +229,7 @@ def _kl_batch(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[di
     from stages.ppo_math import response_mask_from_eos, token_logprobs
 
     policy.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
+    with _left_padded(tokenizer, prompts, policy.device) as batch:
         sequences = policy.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -239,8 +243,6 @@ def _kl_batch(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[di
         for model in (policy, reference):
             logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
             logprobs.append(token_logprobs(logits[:, prompt_length - 1 : -1], response_ids))
-    finally:
-        tokenizer.padding_side = padding_side
     return ((logprobs[0] - logprobs[1]) * response_mask).sum(-1).cpu(), response_mask.sum(-1).float().cpu()
 
 

@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/rlhf run configs/recipes/tiny.yaml
 
+# lint-imports: the layer contracts of pyproject.toml (README, "Architecture").
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppo-before", default=None, metavar="REVISION",
                         help="also run stages/ppo.py as of this git revision (arm ours@REVISION): before/after in one run")
     parser.add_argument("--ppo-models", default="tiny", metavar="SIZES",
-                        help="PPO comparisons on these models: tiny (the default model), 0.67m (DESIGN.md's anchor shape);"
+                        help="PPO comparisons on these models: tiny (the default model), 0.67m (the 0.67 M PPO anchor shape);"
                              " default tiny, which keeps `all` under 15 minutes")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's raw result here")
     args = parser.parse_args(argv)

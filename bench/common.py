@@ -1,7 +1,8 @@
 """What every arm shares: the two benchmark models, the data, and the measurements.
 
 Imported by arms running under both virtual environments (ours, and bench/.venv-trl111 for TRL 1.11's
-PPO), so it imports only torch, transformers, datasets and yaml, never `stages`.
+PPO), so importing it loads only torch, transformers, datasets and yaml; `trainer_class` imports
+`stages.data.batching` when it is called, which only our arms do.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = ROOT / "assets" / "tiny_tokenizer"
+TOKENIZER_DIR = ROOT / "stages" / "core" / "resources" / "tiny_tokenizer"
 RESULT_MARKER = "BENCH_RESULT "
 
-# Two sizes built from configs/models/tiny-llama.yaml (same family: wide and shallow, tied embeddings, the
+# Two sizes built from stages/core/resources/models/tiny-llama.yaml (same family: wide and shallow, tied embeddings, the
 # byte-level tokenizer), fp32, random init. Only the shape keys change.
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     "tiny": {},  # the repo's default as it is (1.4 M)
-    # DESIGN.md's PPO speed anchor ("0.67 M, hidden 128, 4 layers"), with our 261-token vocabulary.
+    # The PPO speed anchor of the project's first measurements (TRL 1.11's PPO at ~70 episodes/s on a 0.67 M
+    # model, hidden 128, 4 layers), with our 261-token vocabulary.
     "0.67m": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 4},
     "5m": {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 6,
@@ -47,7 +49,7 @@ def stage_settings(config: str, section: str, drop: set[str]) -> dict[str, Any]:
 
 def trainer_class(trl_class: type, settings: dict[str, Any]) -> type:
     """The trainer an arm runs: pops `length_grouping` (not a TRL argument) and applies it as the stage does."""
-    from stages.batching import length_grouped
+    from stages.data.batching import length_grouped
 
     return length_grouped(trl_class, settings.pop("length_grouping", 0))
 
@@ -55,7 +57,7 @@ def trainer_class(trl_class: type, settings: dict[str, Any]) -> type:
 def model_config(size: str, **extra: Any) -> Any:
     from transformers import AutoConfig
 
-    config = yaml.safe_load((ROOT / "configs" / "models" / "tiny-llama.yaml").read_text())["config"]
+    config = yaml.safe_load((ROOT / "stages" / "core" / "resources" / "models" / "tiny-llama.yaml").read_text())["config"]
     config.update(MODEL_SHAPES[size])
     return AutoConfig.for_model(**config, **extra)
 

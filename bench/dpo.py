@@ -2,7 +2,7 @@
 
 Arms (one epoch over the same pairs; policy and an explicit reference model, as stages/policy.py builds them):
 - trl_defaults: `DPOConfig()` (batch 8, gradient checkpointing on, sigmoid loss) with bf16=False, use_cpu=True;
-- ours: the `dpo:` section of configs/policy/tiny_dpo.yaml (batch 32, checkpointing off, sigmoid + SFT loss);
+- ours: the `dpo:` section of configs/policy/tiny.yaml (batch 32, checkpointing off, sigmoid + SFT loss);
 - ours+precompute: the same with precompute_ref_log_probs=True: one no-grad reference pass over the data in
   the trainer's constructor, then no reference forward per step.
 Timed: constructor (tokenisation, and the precompute where on) + `trainer.train()`; both are reported.
@@ -19,7 +19,7 @@ from bench.sft import SCHEDULE_KEYS
 
 
 def our_settings() -> dict[str, Any]:
-    return common.stage_settings("policy/tiny_dpo.yaml", "dpo", SCHEDULE_KEYS)
+    return common.stage_settings("policy/tiny.yaml", "dpo", SCHEDULE_KEYS)
 
 
 ARM_SETTINGS = {

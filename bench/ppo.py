@@ -3,7 +3,7 @@
 Same work in every PPO arm: the same models (policy and reference from one init, reward model and critic
 random sequence classifiers), the same prompts, `steps` PPO steps of 64 episodes, responses of at most 10
 tokens (stopping at eos; random weights seldom sample it), 4 PPO epochs x 4 mini-batches of 16, fp32, no
-checkpoints written, no sample generations. The setting of DESIGN.md's speed anchor.
+checkpoints written, no sample generations. The setting of the project's first PPO speed anchor (TRL 1.11, 0.67 M model).
 - ours: stages/ppo.py (PPOTrainer) with that PPOConfig;
 - trl111: trl.experimental.ppo.PPOTrainer 1.11 (bench/.venv-trl111) with its defaults, except the shape above,
   bf16=False/use_cpu=True (CPU), num_sample_generations=0 (no extra generation), stop_token="eos" (as ours);
@@ -129,7 +129,7 @@ def comparisons(quick: bool, before: str | None = None, models: list[str] | None
                ("training_share", "training", "{:.0%}"), ("response_length", "resp. len", "{:.1f}"),
                ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
     result = []
-    # "tiny": the repo's default model (bench/ppo_speed.py's old setting); "0.67m": DESIGN.md's anchor model.
+    # "tiny": the repo's default model (bench/ppo_speed.py's old setting); "0.67m": the 0.67 M anchor model.
     for model in ["tiny"] if quick else (models or ["tiny"]):
         params = {"model": model, "steps": steps}
         arms = [Arm("trl111_no_gc", "trl111_ppo", params | {"arm": "trl111_no_gc", "gradient_checkpointing": False},

@@ -1,4 +1,7 @@
-"""Held-out reward-model evaluation: pairwise accuracy and reward margin on pairs never trained on."""
+"""Held-out reward-model evaluation: pairwise accuracy and reward margin on pairs never trained on.
+
+The pairs come from the caller (embedded held-out pairs: stages/tasks/pairs.py; `rlhf eval` of a reward
+model: stages/evaluation.py)."""
 
 from __future__ import annotations
 
@@ -7,21 +10,7 @@ from typing import Any
 import torch
 
 from reward.losses import pairwise_accuracy
-from reward.pairs import embedded_pairs
 from reward.scoring import score_across_ranks
-from stages import evaluation, tasks
-
-
-def heldout_pairs(
-    policy: Any | None, tokenizer: Any, num_pairs: int, seed: int, temperature: float = 1.0, families: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """Pairs on eval-split prompts (of `families`, default all); negatives sampled from `policy` where
-    it errs, else corruptions."""
-    rows = tasks.generate(num_pairs, seed=seed, split="eval", families=families)
-    sampled = None
-    if policy is not None:
-        sampled = evaluation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], seed, 16, temperature)
-    return embedded_pairs(num_pairs, seed, split="eval", sampled_responses=sampled, rows=rows)
 
 
 def pairwise_metrics(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
@@ -47,20 +36,3 @@ def pairwise_metrics(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) ->
         metrics[f"eval/pairwise_accuracy/{family}"] = pairwise_accuracy(chosen[selected], rejected[selected])
     return metrics
 
-
-def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) -> dict[str, float]:
-    """`rlhf eval` on a reward entry: held-out pairs, with on-policy negatives from its parent model if registered."""
-    from reward.models import load_reward
-    from stages import models
-    from stages.registry import Registry, RegistryError
-
-    tokenizer = models.load_tokenizer(entry)
-    reward_model = load_reward(entry)
-    policy = None
-    if entry.parent:
-        try:
-            parent = Registry().get(entry.parent)
-            policy = models.load_causal_lm(parent) if parent.kind != "base" else None
-        except (RegistryError, models.ModelLoadError):
-            policy = None
-    return pairwise_metrics(reward_model, tokenizer, heldout_pairs(policy, tokenizer, num_pairs, seed))

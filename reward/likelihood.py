@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from stages.ppo_math import last_token_index
+from stages.core.files import write_json
+from stages.logprobs import last_token_index
 
 HEAD_KEY = "reward_head"
 KIND = "likelihood"
@@ -197,8 +198,6 @@ def is_likelihood_head(path: str | Path) -> bool:
 def mark_saved_config(path: str | Path, tokenizer: Any) -> None:
     """Rewrite the config.json of the checkpoint saved at `path` with the head recorded (a LoRA merge saves a
     config without it) and the plain LM class as its architecture, so other tools load it as the causal LM it is."""
-    from stages.common import write_json  # atomic; lazily, as this module is also imported for its math
-
     config_file = Path(path) / "config.json"
     config = json.loads(config_file.read_text())
     architectures = [name.removeprefix("LikelihoodReward") for name in config.get("architectures") or []]

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from reward import likelihood
-from stages import models
-from stages.registry import Entry, Registry
+from stages.core import models
+from stages.core.registry import Entry, Registry
 
 
 def load_reward(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> Any:

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from stages import distributed
+from stages.core import distributed
+from stages.core.errors import UserError
 
 
 def render(tokenizer: Any, prompt: list[dict[str, str]], response: str) -> str:
@@ -68,7 +69,7 @@ def _prompt_length(tokenizer: Any, prompt: list[dict[str, str]]) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """Two models that must share a tokenizer (policy and reward model) do not; the message names both."""
 
 

@@ -5,35 +5,38 @@
     rlhf eval REF [--json]
     rlhf report RUN [RUN_B] [--out DIR]
 
-Stage modules are imported only when their command runs, so registry commands start fast.
+Stage modules are imported only when their command runs, and the registry commands import neither torch nor
+transformers (tests/stages/test_layout.py checks it), so they answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+from collections import Counter
 import json
 import sys
 import time
 from typing import Any
 
-STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy"}
+from stages.core.errors import exit_code
+from stages.recipe import STAGE_MODULES
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in STAGE_MODULES:
         module = importlib.import_module(STAGE_MODULES[argv[0]])
-        return _guarded(lambda: module.main(argv[1:]))
+        return exit_code(lambda: module.main(argv[1:]))
     if argv and argv[0] == "run":
         module = importlib.import_module("stages.recipe")
-        return _guarded(lambda: module.main(argv[1:]))
+        return exit_code(lambda: module.main(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return _guarded(lambda: args.handler(args))
+    return exit_code(lambda: args.handler(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("ref")
     show.add_argument("--json", action="store_true")
     show.set_defaults(command="registry", handler=_registry_show)
-    gc = registry_commands.add_parser("gc", help="remove entries that never became ready (only when asked)")
+    gc = registry_commands.add_parser("gc", help="remove entries that never became ready: incomplete or failed (only when asked)")
     gc.add_argument("--delete-files", action="store_true", help="also delete their output directories")
     gc.set_defaults(command="registry", handler=_registry_gc)
 
@@ -72,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _registry_list(args: argparse.Namespace) -> int:
-    from stages.registry import Registry
+    from stages.core.registry import Registry
 
     entries = Registry().list()
     if args.json:
@@ -94,14 +97,15 @@ def _registry_list(args: argparse.Namespace) -> int:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
-    incomplete = [entry.ref for entry in entries if entry.status != "ready"]
-    if incomplete:
-        print(f"\n{len(incomplete)} incomplete (never finished; `rlhf registry gc` removes them): {', '.join(incomplete)}")
+    not_ready = [entry for entry in entries if entry.status != "ready"]
+    if not_ready:
+        refs = ", ".join(entry.ref for entry in not_ready)
+        print(f"\n{_status_counts(not_ready)} (never finished; `rlhf registry gc` removes them): {refs}")
     return 0
 
 
 def _registry_show(args: argparse.Namespace) -> int:
-    from stages.registry import Registry
+    from stages.core.registry import Registry
 
     entry = Registry().get(args.ref)
     record = entry.to_dict()
@@ -115,23 +119,27 @@ def _registry_show(args: argparse.Namespace) -> int:
 
 
 def _registry_gc(args: argparse.Namespace) -> int:
-    from stages.registry import Registry
+    from stages.core.registry import Registry
 
     removed = Registry().remove_incomplete(delete_files=args.delete_files)
-    print(f"removed {len(removed)} incomplete entries" + (": " + ", ".join(e.ref for e in removed) if removed else ""))
+    print(f"removed {_status_counts(removed) or '0'} entries" + (": " + ", ".join(e.ref for e in removed) if removed else ""))
     return 0
 
 
+def _status_counts(entries: list[Any]) -> str:
+    """e.g. '1 incomplete, 2 failed'."""
+    return ", ".join(f"{count} {status}" for status, count in Counter(entry.status for entry in entries).items())
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from stages import evaluation, models
-    from stages.registry import Registry
+    from stages import evaluation
+    from stages.core import models
+    from stages.core.registry import Registry
 
     entry = Registry().get(args.ref)
     config = evaluation.for_entry(entry, num_prompts=args.num_prompts, seed=args.seed)  # its held-out families, its phrasings
     if entry.kind == "reward":
-        from reward import evaluation as reward_evaluation
-
-        metrics = reward_evaluation.evaluate_reward_model(entry, num_pairs=max(args.num_prompts, 500), seed=args.seed)
+        metrics = evaluation.evaluate_reward_model(entry, num_pairs=max(args.num_prompts, 500), seed=args.seed)
     else:
         metrics, _ = evaluation.exact_match(models.load_causal_lm(entry), models.load_tokenizer(entry), config)
     if args.json:
@@ -146,12 +154,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from stages import report
 
-    try:
-        page = report.write_report(args.runs, args.out)
-    except report.ReportError as error:
-        print(f"rlhf: error: {error}", file=sys.stderr)
-        return 2
-    print(page)
+    print(report.write_report(args.runs, args.out))  # a ReportError is a UserError: one line, exit 2
     return 0
 
 
@@ -160,20 +163,6 @@ def _key_metric(metrics: dict[str, Any]) -> str:
         if key in metrics:
             return f"{key.split('/')[-1]}={metrics[key]:.3f}"
     return "-"
-
-
-def _guarded(action: Any) -> int:
-    """Known user errors print one clear line instead of a traceback."""
-    from stages.common import is_user_error
-
-    try:
-        result = action()
-    except Exception as error:  # noqa: BLE001 - re-raised unless it is a known user error
-        if not is_user_error(error):
-            raise
-        print(f"rlhf: error: {error}", file=sys.stderr)
-        return 2
-    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -6,28 +6,27 @@ scores, each with a per-family breakdown (`KEY/FAMILY`):
 - `eval/exact_match_unseen_templates`: the trained families in held-out phrasings (never trained on);
 - `eval/exact_match_unseen_tasks`: the families of `heldout_tasks`, which every stage leaves out of its
   embedded training data (only when some are held out).
-Generation is batched with left padding and the KV cache; decoding is greedy so numbers are
-comparable between stages.
+Generation (stages/generation.py) is batched with left padding and the KV cache; decoding is greedy
+so numbers are comparable between stages. Also here: the policy stage's metrics (reward, KL to the
+reference) and `rlhf eval` of a reward model on held-out embedded pairs.
 
-Under the deepspeed launcher, generation is collective: every rank calls these functions, answers its
-share of the batches (stages/distributed.py, map_shards) and gets every answer. Sampled batches have a
-fixed size and a seed of their own, so on-policy samples are the same at any number of ranks.
+Collective under the deepspeed launcher, as generation is: every rank calls these functions.
+May import: `stages.core`, `stages.tasks`, `stages.generation`, the torch-only math and `reward/`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from stages import distributed, tasks
-
-# Sampled generation runs in batches of this size, each with its own seed: the samples then do not depend
-# on how many ranks share the batches (64: even 200 prompts still give every rank of 2-4 some work).
-SAMPLE_BATCH_SIZE = 64
+from stages import tasks
+from stages.core import distributed
+from stages.core.protocols import RewardFunction
+from stages.generation import SAMPLE_BATCH_SIZE, batch_rng, generate, left_padded_prompts
+from stages.logprobs import response_mask_from_eos, token_logprobs
 
 
 @dataclass
@@ -48,7 +47,7 @@ class EvalConfig:
         },
     )
     templates: str | None = field(
-        default=None, metadata={"help": "Phrasings of the embedded tasks (default configs/templates/embedded_tasks.yaml): the file training used."}
+        default=None, metadata={"help": "Phrasings of the embedded tasks (default stages/tasks/embedded_tasks.yaml): the file training used."}
     )
     num_samples: int = field(default=8, metadata={"help": "Sample generations kept for the report and W&B table."})
 
@@ -88,89 +87,6 @@ def for_entry(entry: Any, num_prompts: int, seed: int) -> EvalConfig:
     return EvalConfig(
         num_prompts=num_prompts, seed=seed, heldout_tasks=trained.get("heldout_tasks") or [], templates=trained.get("templates")
     )
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[dict[str, str]]],
-    max_new_tokens: int,
-    batch_size: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    seed: int = 0,
-) -> list[str]:
-    """Answer chat prompts; returns decoded responses without special tokens. Collective under the launcher.
-
-    Greedy: the prompts are spread over the ranks in batches of at most `batch_size`. Sampled: batches of
-    exactly `batch_size`, batch i drawn with its own seed (from `seed` and i), without moving the caller's
-    global RNG.
-    """
-    chunk_size = batch_size if do_sample else distributed.spread_chunk_size(len(prompts), at_most=batch_size)
-
-    def answer(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[str]:
-        with _batch_rng(model, seed, index):  # only sampling draws from it
-            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample, temperature)
-
-    return distributed.map_shards(answer, prompts, chunk_size)
-
-
-def sample_responses(
-    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], seed: int, max_new_tokens: int, temperature: float = 1.0
-) -> list[str]:
-    """One sampled answer per prompt, seeded (on-policy negatives). Collective under the launcher."""
-    return generate(model, tokenizer, prompts, max_new_tokens, SAMPLE_BATCH_SIZE, do_sample=True, temperature=temperature, seed=seed)
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """The seed of one sampled batch: distinct for nearby seeds too (seed 42 batch 1 vs seed 43 batch 0)."""
-    return seed * 100_003 + batch_index
-
-
-@contextmanager
-def _batch_rng(model: Any, seed: int, batch_index: int) -> Iterator[None]:
-    """The global RNG (CPU, and the model's GPU) seeded for one batch, and restored afterwards."""
-    device = model.device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(batch_seed(seed, batch_index))
-        yield
-
-
-@contextmanager
-def _left_padded(tokenizer: Any, prompts: list[list[dict[str, str]]], device: torch.device) -> Iterator[Any]:
-    """The chat-formatted prompts as one left-padded batch (generation continues from the right edge of
-    every row); the tokenizer's padding side is restored afterwards."""
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        yield tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    finally:
-        tokenizer.padding_side = padding_side
-
-
-@torch.no_grad()
-def _generate_batch(
-    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, do_sample: bool, temperature: float
-) -> list[str]:
-    was_training = model.training
-    model.eval()
-    try:
-        with _left_padded(tokenizer, prompts, model.device) as batch:
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
 
 
 def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -215,7 +131,7 @@ def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[l
     """
 
     def estimate(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[tuple[float, float]]:
-        with _batch_rng(policy, seed, index):
+        with batch_rng(policy, seed, index):
             kls, lengths = _kl_batch(policy, reference, tokenizer, batch_prompts, max_new_tokens)
         return list(zip(kls.tolist(), lengths.tolist()))
 
@@ -226,23 +142,21 @@ def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[l
 @torch.no_grad()
 def _kl_batch(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt sampled log-ratio sums and response lengths, each (batch,)."""
-    from stages.ppo_math import response_mask_from_eos, token_logprobs
-
     policy.eval()
-    with _left_padded(tokenizer, prompts, policy.device) as batch:
-        sequences = policy.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        prompt_length = batch["input_ids"].shape[1]
-        response_ids = sequences[:, prompt_length:]  # (batch, response_len)
-        response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
-        attention_mask = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logprobs = []
-        for model in (policy, reference):
-            logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-            logprobs.append(token_logprobs(logits[:, prompt_length - 1 : -1], response_ids))
+    batch = left_padded_prompts(tokenizer, prompts, policy.device)
+    sequences = policy.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    prompt_length = batch["input_ids"].shape[1]
+    response_ids = sequences[:, prompt_length:]  # (batch, response_len)
+    response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
+    attention_mask = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logprobs = []
+    for model in (policy, reference):
+        logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+        logprobs.append(token_logprobs(logits[:, prompt_length - 1 : -1], response_ids))
     return ((logprobs[0] - logprobs[1]) * response_mask).sum(-1).cpu(), response_mask.sum(-1).float().cpu()
 
 
@@ -251,7 +165,7 @@ def policy_metrics(
     reference: Any,
     tokenizer: Any,
     config: EvalConfig,
-    reward_fn: Callable[[list[list[dict[str, str]]], list[str]], torch.Tensor] | None = None,
+    reward_fn: RewardFunction | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The evaluation every policy algorithm reports: exact match, reward under `reward_fn` (the
     stage-2 reward model), KL to the reference, response length. Each sample also holds the
@@ -278,3 +192,23 @@ def policy_metrics(
     metrics["eval/kl_to_ref"] = kl
     metrics["eval/response_length"] = length
     return metrics, samples
+
+
+def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) -> dict[str, float]:
+    """`rlhf eval` on a reward entry: held-out pairs, with on-policy negatives from its parent model if registered."""
+    from reward.evaluation import pairwise_metrics
+    from reward.models import load_reward
+    from stages.core import models
+    from stages.core.registry import Registry, RegistryError
+    from stages.tasks.pairs import heldout_pairs
+
+    tokenizer = models.load_tokenizer(entry)
+    reward_model = load_reward(entry)
+    policy = None
+    if entry.parent:
+        try:
+            parent = Registry().get(entry.parent)
+            policy = models.load_causal_lm(parent) if parent.kind != "base" else None
+        except (RegistryError, models.ModelLoadError):
+            policy = None
+    return pairwise_metrics(reward_model, tokenizer, heldout_pairs(policy, tokenizer, num_pairs, seed))

@@ -3,7 +3,9 @@
 Each stage's output is registered as `<run>/<stage>` and the next stage's model references point at
 it, so no paths are written by hand. The runner imports no stage module: one child process validates
 every stage's config with the stage's own `--check`, then each stage is launched, then the runner
-reads the registry for results.
+reads the registry for results. That child imports the stage modules by module path
+(`STAGE_MODULES`, in `_check_stages_in_this_process`): the one, deliberate, seam between the recipe and
+the stages, which import-linter cannot see and which keeps the recipe free of torch.
 With `resume=true`, stages already registered ready are skipped and an interrupted stage continues
 from its last checkpoint.
 
@@ -23,13 +25,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from stages.config import ConfigError, build, read_yaml, set_dotted, usage, wants_help
-from stages.registry import Registry, RegistryError, rlhf_home
-from stages.secrets import scrub_argv
+from stages.core.config import ConfigError, build, read_yaml, set_dotted, usage, wants_help
+from stages.core.errors import is_user_error
+from stages.core.paths import REPO_ROOT
+from stages.core.registry import Registry, RegistryError, rlhf_home
+from stages.core.secrets import scrub_argv
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGE_ORDER = ("sft", "reward", "policy")
 CHECK_STAGES = "--check-stages"  # `python -m stages.recipe --check-stages PLAN_JSON`: see _check_stages
+# The stage modules, by name only: launched as processes, and imported only by the --check-stages child.
 STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy"}
 SUMMARY_METRICS = ("eval/exact_match", "eval/pairwise_accuracy", "eval/reward_mean", "eval/kl_to_ref")
 
@@ -212,8 +216,6 @@ def _check_stages_in_this_process(plan_json: str) -> None:
     """The child side of `_check_stages`."""
     import importlib
 
-    from stages.common import is_user_error
-
     for stage, arguments in json.loads(plan_json).items():
         try:
             importlib.import_module(STAGE_MODULES[stage]).main([*arguments, "--check"])
@@ -297,6 +299,6 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == [CHECK_STAGES]:
-    from stages.common import run_main
+    from stages.core.errors import run_main
 
     run_main(lambda: _check_stages_in_this_process(sys.argv[2]))

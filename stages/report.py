@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from stages import tasks
-from stages.registry import Entry, Registry, RegistryError, rlhf_home
+from stages.core.errors import UserError
+from stages.core.registry import Entry, Registry, RegistryError, rlhf_home
 
 GENERATOR = "rlhf-stages report"  # marks a folder as a report, so writing it again may replace its figures
 STAGE_TITLES = {"sft": "SFT", "reward": "Reward model", "policy": "Policy"}
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """A run that cannot be reported, or an output folder that holds something else."""
 
 

@@ -20,18 +20,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from reward import evaluation as reward_evaluation
 from reward import likelihood
+from reward.evaluation import pairwise_metrics
 from reward.models import load_reward
-from reward.pairs import embedded_pairs
 from reward.scoring import check_same_tokenizer
-from stages import batching, common, data, distributed, evaluation, mixture, models
-from stages.config import ConfigError
-from stages.registry import Registry
+from stages import data, generation, trainers
+from stages.core import distributed, models
+from stages.core.config import ConfigError
+from stages.core.registry import Registry
+from stages.data import batching, mixture
+from stages.core.errors import run_main
+from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
+from stages.tasks.pairs import embedded_pairs, heldout_pairs
 
 
 @dataclass
-class RewardStageConfig(common.StageConfig):
+class RewardStageConfig(StageConfig):
     """Config of the reward-model stage (configs/reward/*.yaml)."""
 
     model: str = field(default="sft:latest", metadata={"help": "Initialise from this model (default: the newest SFT output)."})
@@ -40,7 +44,7 @@ class RewardStageConfig(common.StageConfig):
     )
     datasets: list[data.DatasetSpec] = field(
         default_factory=lambda: [data.DatasetSpec(num_examples=4000)],
-        metadata={"help": "Preference datasets: the sources of the mixture (weights: stages/mixture.py)."},
+        metadata={"help": "Preference datasets: the sources of the mixture (weights: stages/data/mixture.py)."},
     )
     mixture_size: int | None = field(
         default=None, metadata={"help": "Total preference pairs; sources with a weight share what fixed num_examples leave."}
@@ -62,7 +66,8 @@ class RewardStageConfig(common.StageConfig):
     def __post_init__(self) -> None:
         from trl import RewardConfig
 
-        self.train = common.check_trl_section(RewardConfig, self.train, "train", "reward config")
+        super().__post_init__()
+        self.train = trainers.check_trl_section(RewardConfig, self.train, "train", "reward config")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
         if self.head == "likelihood" and self.train.get("center_rewards_coefficient") is not None:
             raise ConfigError(
@@ -76,108 +81,91 @@ class RewardStageConfig(common.StageConfig):
             )
         if self.head == "likelihood" and self.lora.enabled and not self.lora.merge_on_save:
             raise ConfigError("head: likelihood needs lora.merge_on_save: true (its reward is read from the merged causal LM)")
-        if self.length_grouping < 0:
-            raise ConfigError(f"length_grouping must be 0 (off) or a number of batches, not {self.length_grouping}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config, check_only = common.parse_args(RewardStageConfig, argv)
+    config, check_only = parse_args(RewardStageConfig, argv)
     return {} if check_only else run(config)
 
 
 def run(config: RewardStageConfig) -> dict[str, Any]:
     # -- setup ---------------------------------------------------------------------------------
-    stage = common.start(config, stage="reward", kind="reward")
-    if stage.already_done:
-        return stage.entry.metrics if stage.entry else {}
-    deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
+    with StageRun.open(config, stage="reward") as stage:
+        if stage.already_done:
+            return stage.metrics
+        deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
 
-    # -- model and tokenizer -------------------------------------------------------------------
-    registry = Registry()
-    base = registry.get(config.model)
-    policy_entry = registry.get(config.policy) if config.policy else base
-    tokenizer = models.load_tokenizer(base, config.trust_remote_code)
-    policy_tokenizer = models.load_tokenizer(policy_entry, config.trust_remote_code)
-    check_same_tokenizer(policy_tokenizer, tokenizer, f"policy {policy_entry.name!r}", f"reward model init {base.name!r}")
-    if tokenizer.chat_template is None:
-        raise ConfigError(f"model {config.model!r} has no chat template; preference pairs are chat conversations")
-    policy = models.load_causal_lm(policy_entry, config.trust_remote_code) if policy_entry.kind != "base" or policy_entry.builtin else None
-    if config.head == "likelihood":
-        model = likelihood.as_reward_model(models.load_causal_lm(base, config.trust_remote_code), tokenizer)
-    else:
-        model = models.load_sequence_classifier(base, config.trust_remote_code)
-        model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+        # -- model and tokenizer ---------------------------------------------------------------
+        registry = Registry()
+        base = registry.get(config.model)
+        policy_entry = registry.get(config.policy) if config.policy else base
+        tokenizer = models.load_tokenizer(base, config.trust_remote_code)
+        policy_tokenizer = models.load_tokenizer(policy_entry, config.trust_remote_code)
+        check_same_tokenizer(policy_tokenizer, tokenizer, f"policy {policy_entry.name!r}", f"reward model init {base.name!r}")
+        if tokenizer.chat_template is None:
+            raise ConfigError(f"model {config.model!r} has no chat template; preference pairs are chat conversations")
+        policy = models.load_causal_lm(policy_entry, config.trust_remote_code) if policy_entry.kind != "base" or policy_entry.builtin else None
+        if config.head == "likelihood":
+            model = likelihood.as_reward_model(models.load_causal_lm(base, config.trust_remote_code), tokenizer)
+        else:
+            model = models.load_sequence_classifier(base, config.trust_remote_code)
+            model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
 
-    # -- data ----------------------------------------------------------------------------------
-    def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
-        if spec.source == "embedded":
-            return _embedded_training_pairs(spec, config, policy, tokenizer, config.seed + index, count or 4000)
-        rows, dropped = data.load_preference_rows(spec, config.drop_malformed)
-        if dropped:
-            print(f"reward: dropped {dropped} malformed pairs from {spec.source}")
-        return rows
+        # -- data ------------------------------------------------------------------------------
+        def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
+            if spec.source == "embedded":
+                return _embedded_training_pairs(spec, config, policy, tokenizer, config.seed + index, count or 4000)
+            rows, dropped = data.load_preference_rows(spec, config.drop_malformed)
+            if dropped:
+                print(f"reward: dropped {dropped} malformed pairs from {spec.source}")
+            return rows
 
-    pairs = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
-    mixture_metrics = mixture.report(pairs, data.token_counts(tokenizer, pairs), mixture.requested_shares(config.datasets, config.mixture_size))
-    print("reward: training mixture\n" + mixture.describe(mixture_metrics))
-    train_dataset = common.shared_dataset(stage, _to_dataset(pairs))
-    dataset_fingerprint = data.fingerprint(pairs)
+        pairs = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
+        mixture_metrics = mixture.report(pairs, data.token_counts(tokenizer, pairs), mixture.requested_shares(config.datasets, config.mixture_size))
+        print("reward: training mixture\n" + mixture.describe(mixture_metrics))
+        train_dataset = trainers.shared_dataset(stage, _to_dataset(pairs))
+        dataset_fingerprint = data.fingerprint(pairs)
 
-    # -- trainer -------------------------------------------------------------------------------
-    from trl import RewardConfig, RewardTrainer
+        # -- trainer ---------------------------------------------------------------------------
+        from trl import RewardConfig, RewardTrainer
 
-    common.open_tracking(stage, config)
-    trainer_class = likelihood.with_chosen_nll(RewardTrainer, config.chosen_nll_coefficient)
-    trainer = batching.length_grouped(trainer_class, config.length_grouping)(
-        model=model,
-        args=common.trl_args(RewardConfig, stage, config, config.train, deepspeed_config),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=_peft_config(config),
-    )
-    common.register_start(
-        stage,
-        config,
-        parent=base,
-        dataset_fingerprint=dataset_fingerprint,
-        tokenizer_hash=models.tokenizer_hash(tokenizer),
-        chat_template_hash=models.chat_template_hash(tokenizer),
-    )
+        trainer_class = likelihood.with_chosen_nll(RewardTrainer, config.chosen_nll_coefficient)
+        trainer = batching.length_grouped(trainer_class, config.length_grouping)(
+            model=model,
+            args=trainers.trl_args(RewardConfig, stage, config, config.train, deepspeed_config),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=_peft_config(config),
+        )
+        stage.begin(parent=base, tokenizer=tokenizer, dataset_fingerprint=dataset_fingerprint)
 
-    # -- train ---------------------------------------------------------------------------------
-    result = common.train(trainer, stage, config)
+        # -- train -----------------------------------------------------------------------------
+        result = trainers.train(trainer, stage, config)
 
-    # -- save ----------------------------------------------------------------------------------
-    common.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
-    classifier = config.head == "classifier"
-    common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=classifier)
-    if not classifier and distributed.is_main_process():
-        likelihood.mark_saved_config(stage.output_dir, tokenizer)
-    distributed.barrier()  # every rank loads the marked config below
+        # -- save ------------------------------------------------------------------------------
+        trainers.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
+        classifier = config.head == "classifier"
+        trainers.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save, sequence_classifier=classifier)
+        if not classifier and distributed.is_main_process():
+            likelihood.mark_saved_config(stage.output_dir, tokenizer)
+        distributed.barrier()  # every rank loads the marked config below
 
-    # -- evaluate (on the saved model; every rank a share) -----------------------------------------
-    saved = Registry().get(str(stage.output_dir))
-    reward_model = load_reward(saved).to(distributed.device())
-    if policy is not None:
-        policy.to(distributed.device())
-    heldout = reward_evaluation.heldout_pairs(
-        policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks
-    )
-    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/pairs": len(pairs)} | mixture_metrics
-    metrics |= reward_evaluation.pairwise_metrics(reward_model, tokenizer, heldout)
-    samples = [
-        {"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][-1]["content"], "rejected": pair["rejected"][-1]["content"]}
-        for pair in heldout[: config.eval.num_samples]
-    ]
+        # -- evaluate (on the saved model; every rank a share) -------------------------------------
+        saved = Registry().get(str(stage.output_dir))
+        reward_model = load_reward(saved).to(distributed.device())
+        if policy is not None:
+            policy.to(distributed.device())
+        heldout = heldout_pairs(policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks)
+        stage.record(**{"train/loss": float(result.training_loss), "train/pairs": len(pairs)}, **mixture_metrics)
+        stage.record(**pairwise_metrics(reward_model, tokenizer, heldout))
+        stage.samples = [
+            {"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][-1]["content"], "rejected": pair["rejected"][-1]["content"]}
+            for pair in heldout[: config.eval.num_samples]
+        ]
 
-    # -- register ------------------------------------------------------------------------------
-    common.remove_checkpoints(stage.output_dir)
-    common.finish(
-        stage,
-        metrics,
-        samples,
-        card={
-            "base": base.ref if not base.builtin else base.name,
+        # -- register (on leaving the block) ----------------------------------------------------
+        stage.card = {
+            "base": base_name(base),
             "data": f"{len(pairs)} preference pairs (fingerprint {dataset_fingerprint})",
             "config": {"head": config.head, "chosen_nll_coefficient": config.chosen_nll_coefficient}
             | {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "center_rewards_coefficient")},
@@ -188,9 +176,8 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
                 "A likelihood-head reward model: the class above gives the language model; "
                 "`reward.models.load_reward(Registry().get(REF))` reads it as the reward model."
             ),
-        },
-    )
-    return metrics
+        }
+    return stage.metrics
 
 
 def _embedded_training_pairs(
@@ -202,7 +189,7 @@ def _embedded_training_pairs(
         prompts = [row["prompt"] for row in rows]
         # On this rank's accelerator while sampling, then back: training needs that memory.
         policy.to(distributed.device())
-        sampled = evaluation.sample_responses(policy, tokenizer, prompts, seed, config.eval.max_new_tokens, config.sample_temperature)
+        sampled = generation.sample_responses(policy, tokenizer, prompts, seed, config.eval.max_new_tokens, config.sample_temperature)
         policy.to("cpu")
     pairs = embedded_pairs(len(rows), seed, sampled_responses=sampled, rows=rows)
     on_policy = sum(pair["on_policy"] for pair in pairs)
@@ -228,4 +215,4 @@ def _to_dataset(pairs: list[dict[str, Any]]) -> Any:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

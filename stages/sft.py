@@ -18,18 +18,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages import batching, common, data, distributed, evaluation, mixture, models
-from stages.config import ConfigError
-from stages.registry import Registry
+from stages import data, evaluation, trainers
+from stages.core import distributed, models
+from stages.core.config import ConfigError
+from stages.core.registry import Registry
+from stages.data import batching, mixture
+from stages.core.errors import run_main
+from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
 
 
 @dataclass
-class SFTStageConfig(common.StageConfig):
+class SFTStageConfig(StageConfig):
     """Config of the SFT stage (configs/sft/*.yaml)."""
 
     datasets: list[data.DatasetSpec] = field(
         default_factory=lambda: [data.DatasetSpec()],
-        metadata={"help": "Training datasets: the sources of the mixture (formats: stages/data.py; weights: stages/mixture.py)."},
+        metadata={"help": "Training datasets: the sources of the mixture (formats: stages/data/formats.py; weights: stages/data/mixture.py)."},
     )
     mixture_size: int | None = field(
         default=None, metadata={"help": "Total training examples; sources with a weight share what fixed num_examples leave."}
@@ -39,100 +43,84 @@ class SFTStageConfig(common.StageConfig):
     def __post_init__(self) -> None:
         from trl import SFTConfig
 
-        self.train = common.check_trl_section(SFTConfig, self.train, "train", "sft config")
+        super().__post_init__()
+        self.train = trainers.check_trl_section(SFTConfig, self.train, "train", "sft config")
         if not self.datasets:
             raise ConfigError("datasets must list at least one dataset")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
-        if self.length_grouping < 0:
-            raise ConfigError(f"length_grouping must be 0 (off) or a number of batches, not {self.length_grouping}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config, check_only = common.parse_args(SFTStageConfig, argv)
+    config, check_only = parse_args(SFTStageConfig, argv)
     return {} if check_only else run(config)
 
 
 def run(config: SFTStageConfig) -> dict[str, Any]:
     # -- setup ---------------------------------------------------------------------------------
-    stage = common.start(config, stage="sft", kind="sft")
-    if stage.already_done:
-        return stage.entry.metrics if stage.entry else {}
-    deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
+    with StageRun.open(config, stage="sft") as stage:
+        if stage.already_done:
+            return stage.metrics
+        deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
 
-    # -- model and tokenizer -------------------------------------------------------------------
-    base = Registry().get(config.model)
-    tokenizer = models.load_tokenizer(base, config.trust_remote_code)
-    if tokenizer.chat_template is None:
-        raise ConfigError(f"model {config.model!r} has no chat template; SFT on chat data needs one (set it in the tokenizer)")
-    model = models.load_causal_lm(base, config.trust_remote_code)
+        # -- model and tokenizer ---------------------------------------------------------------
+        base = Registry().get(config.model)
+        tokenizer = models.load_tokenizer(base, config.trust_remote_code)
+        if tokenizer.chat_template is None:
+            raise ConfigError(f"model {config.model!r} has no chat template; SFT on chat data needs one (set it in the tokenizer)")
+        model = models.load_causal_lm(base, config.trust_remote_code)
 
-    # -- data ----------------------------------------------------------------------------------
-    rows = mixture.mix(
-        config.datasets,
-        config.mixture_size,
-        config.seed,
-        lambda spec, index, count: data.load_sft_rows(spec, config.seed + index, count, config.eval.heldout_tasks),
-    )
-    rows, token_counts = _drop_too_long(rows, tokenizer, config.train.get("max_length", 1024))
-    mixture_metrics = mixture.report(rows, token_counts, mixture.requested_shares(config.datasets, config.mixture_size))
-    print("sft: training mixture\n" + mixture.describe(mixture_metrics))
-    train_dataset = common.shared_dataset(stage, _to_dataset(rows))
-    dataset_fingerprint = data.fingerprint(rows)
-
-    # -- trainer -------------------------------------------------------------------------------
-    from trl import SFTConfig, SFTTrainer
-
-    common.open_tracking(stage, config)
-    trainer = batching.length_grouped(SFTTrainer, config.length_grouping)(
-        model=model,
-        args=common.trl_args(SFTConfig, stage, config, config.train, deepspeed_config),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
-    )
-    common.register_start(
-        stage,
-        config,
-        parent=base,
-        dataset_fingerprint=dataset_fingerprint,
-        tokenizer_hash=models.tokenizer_hash(tokenizer),
-        chat_template_hash=models.chat_template_hash(tokenizer),
-    )
-
-    # -- train ---------------------------------------------------------------------------------
-    result = common.train(trainer, stage, config)
-
-    # -- save ----------------------------------------------------------------------------------
-    common.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
-    common.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save)
-
-    # -- evaluate (on the saved model: what the next stage will load; every rank a share) ---------
-    metrics: dict[str, Any] = {"train/loss": float(result.training_loss), "train/examples": len(rows)} | mixture_metrics
-    samples: list[dict[str, Any]] = []
-    if config.eval.enabled:
-        adapters_only = config.lora.enabled and not config.lora.merge_on_save  # no full model on disk to reload
-        saved = None if adapters_only else Registry().get(str(stage.output_dir))
-        eval_metrics, samples = evaluation.exact_match(
-            trainer.model if saved is None else models.load_causal_lm(saved).to(distributed.device()),
-            tokenizer if saved is None else models.load_tokenizer(saved),
-            config.eval,
+        # -- data ------------------------------------------------------------------------------
+        rows = mixture.mix(
+            config.datasets,
+            config.mixture_size,
+            config.seed,
+            lambda spec, index, count: data.load_sft_rows(spec, config.seed + index, count, config.eval.heldout_tasks),
         )
-        metrics |= eval_metrics
+        rows, token_counts = _drop_too_long(rows, tokenizer, config.train.get("max_length", 1024))
+        mixture_metrics = mixture.report(rows, token_counts, mixture.requested_shares(config.datasets, config.mixture_size))
+        print("sft: training mixture\n" + mixture.describe(mixture_metrics))
+        train_dataset = trainers.shared_dataset(stage, _to_dataset(rows))
+        dataset_fingerprint = data.fingerprint(rows)
 
-    # -- register ------------------------------------------------------------------------------
-    common.remove_checkpoints(stage.output_dir)
-    common.finish(
-        stage,
-        metrics,
-        samples,
-        card={
-            "base": base.ref if not base.builtin else base.name,
+        # -- trainer ---------------------------------------------------------------------------
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = batching.length_grouped(SFTTrainer, config.length_grouping)(
+            model=model,
+            args=trainers.trl_args(SFTConfig, stage, config, config.train, deepspeed_config),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
+        )
+        stage.begin(parent=base, tokenizer=tokenizer, dataset_fingerprint=dataset_fingerprint)
+
+        # -- train -----------------------------------------------------------------------------
+        result = trainers.train(trainer, stage, config)
+
+        # -- save ------------------------------------------------------------------------------
+        trainers.save_output(stage, lambda: trainer.save_model(str(stage.output_dir)))
+        trainers.settle_after_save(stage, config, base, merge_lora=config.lora.merge_on_save)
+
+        # -- evaluate (on the saved model: what the next stage will load; every rank a share) -----
+        stage.record(**{"train/loss": float(result.training_loss), "train/examples": len(rows)}, **mixture_metrics)
+        if config.eval.enabled:
+            adapters_only = config.lora.enabled and not config.lora.merge_on_save  # no full model on disk to reload
+            saved = None if adapters_only else Registry().get(str(stage.output_dir))
+            eval_metrics, stage.samples = evaluation.exact_match(
+                trainer.model if saved is None else models.load_causal_lm(saved).to(distributed.device()),
+                tokenizer if saved is None else models.load_tokenizer(saved),
+                config.eval,
+            )
+            stage.record(**eval_metrics)
+
+        # -- register (on leaving the block: checkpoints removed, metrics merged, entry ready) ------
+        stage.card = {
+            "base": base_name(base),
             "data": ", ".join(spec.source for spec in config.datasets) + f" ({len(rows)} examples, fingerprint {dataset_fingerprint})",
             "config": {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length")},
             "steps": trainer.state.global_step,
-        },
-    )
-    return metrics
+        }
+    return stage.metrics
 
 
 def _drop_too_long(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None) -> tuple[list[dict[str, Any]], list[int]]:
@@ -158,4 +146,4 @@ def _to_dataset(rows: list[dict[str, Any]]) -> Any:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -24,8 +24,8 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from stages import models
-    from stages.registry import Registry
+    from stages.core import models
+    from stages.core.registry import Registry
 
     return models.load_tokenizer(Registry(os.devnull).get("tiny-llama"))
 
@@ -35,7 +35,7 @@ def tiny_sft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small SFT model (upper-case and copy tasks, ~40 s on 2 CPU cores), trained once per session
     for the reward and policy stage tests. Use `registered_sft` to see it as `sft:latest`."""
     from stages import sft
-    from stages.config import load_config
+    from stages.core.config import load_config
 
     root = tmp_path_factory.mktemp("tiny_sft")
     with pytest.MonkeyPatch.context() as patch:
@@ -57,7 +57,7 @@ def tiny_sft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def registered_sft(tiny_sft_dir: Path, isolated_home: Path) -> str:
     """The session's tiny SFT model registered as a ready `sft` entry in this test's registry."""
-    from stages.registry import Registry
+    from stages.core.registry import Registry
 
     registry = Registry()
     entry = registry.begin("sft", "sft", tiny_sft_dir, parent="tiny-llama")

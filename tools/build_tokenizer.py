@@ -1,4 +1,4 @@
-"""Build the embedded byte-level tokenizer once; its output is committed under assets/tiny_tokenizer.
+"""Build the embedded byte-level tokenizer once; its output is committed under stages/core/resources/tiny_tokenizer.
 
 Run: python tools/build_tokenizer.py
 One token per byte (256) plus role/control tokens: lossless for any UTF-8 text, and one token per
@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast
 
-OUT = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
+OUT = Path(__file__).resolve().parent.parent / "stages" / "core" / "resources" / "tiny_tokenizer"
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 

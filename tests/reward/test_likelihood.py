@@ -9,8 +9,8 @@ import torch
 
 from reward import likelihood
 from reward.scoring import render, score
-from stages import models
-from stages.registry import Registry
+from stages.core import models
+from stages.core.registry import Registry
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reward.pairs import corrupt, embedded_pairs
+from stages.tasks.pairs import corrupt, embedded_pairs
 from stages import data, tasks
 from stages.data import DataError, DatasetSpec
 

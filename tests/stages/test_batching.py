@@ -9,7 +9,7 @@ import random
 import torch
 from datasets import Dataset
 
-from stages.batching import LengthBucketSampler, length_grouped, row_lengths
+from stages.data.batching import LengthBucketSampler, length_grouped, row_lengths
 
 
 def _lengths(count: int = 1000, seed: int = 0) -> list[int]:
@@ -78,8 +78,8 @@ def test_row_lengths_of_sft_and_pair_datasets() -> None:
 def test_length_grouped_trainer_uses_the_sampler(tiny_tokenizer, tmp_path) -> None:
     from trl import SFTConfig, SFTTrainer
 
-    from stages import models
-    from stages.registry import Registry
+    from stages.core import models
+    from stages.core.registry import Registry
 
     tokenizer, model = tiny_tokenizer, models.load_causal_lm(Registry().get("tiny-llama"))
     rows = [{"prompt": [{"role": "user", "content": "x" * n}], "completion": [{"role": "assistant", "content": "y"}]} for n in range(5, 69)]
@@ -95,8 +95,8 @@ def test_length_grouped_reward_trainer_reads_trls_own_pair_columns(tiny_tokenize
     """On the dataset RewardTrainer itself tokenized (not hand-named columns): the sampler finds the lengths."""
     from trl import RewardConfig, RewardTrainer
 
-    from stages import models
-    from stages.registry import Registry
+    from stages.core import models
+    from stages.core.registry import Registry
 
     model = models.load_sequence_classifier(Registry().get("tiny-llama"))
     rows = [

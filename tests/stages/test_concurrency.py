@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.registry import Registry
+from stages.core.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # SFT then reward model, one plain process per stage (no launcher), a few steps each.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import ConfigError, load_config
+from stages.core.config import ConfigError, load_config
 
 
 @dataclass

@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import cli, common
-from stages.config import load_config
-from stages.registry import Registry
+from stages import cli, trainers
+from stages.core.config import load_config
+from stages.core.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = """
 import os, sys, time
 from transformers import TrainerCallback
-from stages import common
+from stages import trainers
 
 module, pause_at, marker, *argv = sys.argv[1:]
 
@@ -41,11 +41,11 @@ class PauseForKill(TrainerCallback):
             os.replace(marker + ".tmp", marker)
             time.sleep(600)  # the test sends SIGKILL here
 
-real_train = common.train
+real_train = trainers.train
 def train(trainer, stage, config):
     trainer.add_callback(PauseForKill())
     return real_train(trainer, stage, config)
-common.train = train
+trainers.train = train
 
 import importlib
 importlib.import_module(module).main(argv)
@@ -59,7 +59,7 @@ STAGES = {
     # Length-grouped batches (stages/batching.py): the resumed run must see the same batch order.
     "sft_grouped": ("stages.sft", "configs/sft/tiny.yaml", "train", ["eval.enabled=false", "length_grouping=2"]),
     "reward": ("stages.reward_model", "configs/reward/tiny.yaml", "train", ["model=tiny-llama", "onpolicy_negatives=false", "heldout_pairs=16"]),
-    "dpo": ("stages.policy", "configs/policy/tiny_dpo.yaml", "dpo", ["model=tiny-llama", "reward_model=null", "onpolicy_negatives=false", "eval.enabled=false"]),
+    "dpo": ("stages.policy", "configs/policy/tiny.yaml", "dpo", ["model=tiny-llama", "reward_model=null", "onpolicy_negatives=false", "eval.enabled=false"]),
 }
 
 
@@ -124,7 +124,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(
     (killed / "checkpoint-5" / "model.safetensors").write_bytes(b"\0" * 100)
 
     executed_steps = []
-    real_train = common.train
+    real_train = trainers.train
 
     def counting_train(trainer, stage_run, config):  # noqa: ANN001, ANN202
         from transformers import TrainerCallback
@@ -136,7 +136,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(
         trainer.add_callback(Count())
         return real_train(trainer, stage_run, config)
 
-    monkeypatch.setattr(common, "train", counting_train)
+    monkeypatch.setattr(trainers, "train", counting_train)
     _run_in_process(stage, killed, "resume=true")
 
     assert executed_steps == list(range(PAUSE_AT, STEPS + 1)), "resume must continue from checkpoint-2, not start over"
@@ -148,7 +148,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=f"{stage}: {name} differs after resume")
-    from stages import models  # training moved the weights, so the comparison above has power
+    from stages.core import models  # training moved the weights, so the comparison above has power
 
     initial = models.load_causal_lm(registry.get("tiny-llama")).state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from stages import distributed
+from stages.core import distributed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the workaround is for GPU-less hosts only")
@@ -77,31 +77,32 @@ def test_map_shards_splits_chunks_between_ranks_and_gives_every_rank_all_results
 
 
 def _samples_and_greedy(rank: int) -> tuple[list[str], list[str]]:
-    from stages import evaluation
+    from stages import generation
 
-    evaluation.SAMPLE_BATCH_SIZE = 4  # 3 sampled batches: both ranks get some (a spawned process: nothing leaks)
+    generation.SAMPLE_BATCH_SIZE = 4  # 3 sampled batches: both ranks get some (a spawned process: nothing leaks)
     return _sample_and_answer()
 
 
 def _sample_and_answer() -> tuple[list[str], list[str]]:
-    from stages import evaluation, models, tasks
-    from stages.registry import Registry
+    from stages import generation, tasks
+    from stages.core import models
+    from stages.core.registry import Registry
 
     entry = Registry(os.devnull).get("tiny-llama")
     model, tokenizer = models.load_causal_lm(entry), models.load_tokenizer(entry)
     prompts = [row["prompt"] for row in tasks.generate(10, seed=3, split="eval")]
-    sampled = evaluation.sample_responses(model, tokenizer, prompts, seed=5, max_new_tokens=6)
-    greedy = evaluation.generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=200)
+    sampled = generation.sample_responses(model, tokenizer, prompts, seed=5, max_new_tokens=6)
+    greedy = generation.generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=200)
     return sampled, greedy
 
 
 def test_samples_do_not_depend_on_the_number_of_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On-policy negatives are seeded per batch, so two ranks sharing the batches draw exactly what one
     process draws alone (an untrained model, so the samples are varied and a wrong seed would show)."""
-    from stages import evaluation
+    from stages import generation
 
     on_rank0, on_rank1 = _run_on_two_ranks(_samples_and_greedy, tmp_path)
-    monkeypatch.setattr(evaluation, "SAMPLE_BATCH_SIZE", 4)
+    monkeypatch.setattr(generation, "SAMPLE_BATCH_SIZE", 4)
     alone = _sample_and_answer()
     assert on_rank0 == on_rank1 == alone
     sampled, greedy = alone

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import data, mixture
-from stages.config import ConfigError, load_config
+from stages import data
+from stages.data import mixture
+from stages.core.config import ConfigError, load_config
 from stages.data import DatasetSpec
 
 

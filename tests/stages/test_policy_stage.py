@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from reward.pairs import embedded_pairs
-from stages import models, policy, tasks
-from stages.config import load_config
-from stages.registry import Registry
+from stages.tasks.pairs import embedded_pairs
+from stages import policy, tasks
+from stages.core import models
+from stages.core.config import load_config
+from stages.core.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
-    "--config", str(REPO_ROOT / "configs/policy/tiny_dpo.yaml"),
+    "--config", str(REPO_ROOT / "configs/policy/tiny.yaml"),
     "model=sft:latest", "eval.tasks=[upper, copy]", "eval.num_prompts=40", "tracking.report_to=none", "run_name=t",
 ]
 POLICY_METRICS = {"eval/exact_match", "eval/kl_to_ref", "eval/reward_mean", "eval/response_length", "algorithm"}

@@ -28,15 +28,15 @@ DRIVER = textwrap.dedent(
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from stages import distributed
+    from stages.core import distributed
     from stages.ppo import PPOConfig, PPOTrainer
 
     distributed.setup()  # as every stage does first: no 45 s shared-memory kernel build on CPU ranks
 
     arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--local_rank")]  # added by the launcher
     root, deepspeed_config, output_dir, gather = Path(arguments[0]), arguments[1], Path(arguments[2]), arguments[3] == "gather"
-    model_config = yaml.safe_load((root / "configs/models/tiny-llama.yaml").read_text())["config"]
-    tokenizer = AutoTokenizer.from_pretrained(root / "assets/tiny_tokenizer")
+    model_config = yaml.safe_load((root / "stages/core/resources/models/tiny-llama.yaml").read_text())["config"]
+    tokenizer = AutoTokenizer.from_pretrained(root / "stages/core/resources/tiny_tokenizer")
 
     def build(auto_class, seed, **extra):
         torch.manual_seed(seed)  # the same initial weights on every rank
@@ -100,7 +100,7 @@ def test_two_ranks_train_and_save_a_loadable_actor(zero_config, gather, tmp_path
 
     trained = AutoModelForCausalLM.from_pretrained(output_dir / "final")
     torch.manual_seed(0)
-    initial = AutoModelForCausalLM.from_config(AutoConfig.for_model(**yaml.safe_load((ROOT / "configs/models/tiny-llama.yaml").read_text())["config"]))
+    initial = AutoModelForCausalLM.from_config(AutoConfig.for_model(**yaml.safe_load((ROOT / "stages/core/resources/models/tiny-llama.yaml").read_text())["config"]))
     trained_parameters, initial_parameters = dict(trained.named_parameters()), dict(initial.named_parameters())
     assert trained_parameters.keys() == initial_parameters.keys()
     # Full tensors (a ZeRO-3 save without gathering would write empty shards), finite, and trained.

@@ -1,4 +1,4 @@
-"""Hand-computed checks of stages/ppo_math.py.
+"""Hand-computed checks of stages/ppo/math.py and stages/logprobs.py.
 
 Every expected number below is worked out in the docstring of its test, never by calling a second
 implementation of the same formula, so a wrong sign, a missing mask or an off-by-one fails the test.
@@ -9,24 +9,21 @@ import math
 import pytest
 import torch
 
-from stages.ppo_math import (
+from stages.logprobs import entropy_from_logits, last_token_index, response_mask_from_eos, token_logprobs
+from stages.ppo.math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_bonus,
-    entropy_from_logits,
     explained_variance,
     gae_advantages_and_returns,
     kl_per_token,
-    last_token_index,
     masked_mean,
     masked_var,
     masked_whiten,
     per_token_rewards,
-    response_mask_from_eos,
-    token_logprobs,
 )
 
 

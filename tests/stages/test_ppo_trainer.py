@@ -13,10 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from reward import likelihood
 from reward.scoring import check_same_tokenizer
-from stages.ppo import PPOConfig, PPOTrainer, _resolve_deepspeed_config
+from stages.ppo import PPOConfig, PPOTrainer
+from stages.ppo.engine import fill_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL_CONFIG = yaml.safe_load((ROOT / "configs/models/tiny-llama.yaml").read_text())["config"]
+MODEL_CONFIG = yaml.safe_load((ROOT / "stages/core/resources/models/tiny-llama.yaml").read_text())["config"]
 # Llama's rotary positions are relative, so a wrong position offset on left-padded rows cancels out; GPT-2's
 # learned absolute positions do not forgive it. The rollout test runs on both.
 GPT2_CONFIG = dict(model_type="gpt2", vocab_size=261, n_positions=256, n_embd=64, n_layer=2, n_head=2,
@@ -43,7 +44,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(ROOT / "assets/tiny_tokenizer")
+    return AutoTokenizer.from_pretrained(ROOT / "stages/core/resources/tiny_tokenizer")
 
 
 def causal_lm(seed: int, model_config: dict = MODEL_CONFIG):
@@ -331,14 +332,14 @@ def test_deepspeed_auto_values_come_from_the_ppo_config():
     """zero3.json's "auto" values: micro-batch = mini_batch_size, no accumulation, global batch = micro x 2
     processes, clipping = max_grad_norm, precision from bf16, reduce bucket = hidden_size squared."""
     config = PPOConfig(mini_batch_size=8, batch_size=32, max_grad_norm=0.5)
-    resolved = _resolve_deepspeed_config(ROOT / "deepspeed_configs/zero3.json", config, 2, AutoConfig.for_model(**MODEL_CONFIG))
+    resolved = fill_deepspeed_config(ROOT / "deepspeed_configs/zero3.json", config, 2, AutoConfig.for_model(**MODEL_CONFIG))
     assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"], resolved["train_batch_size"]) == (8, 1, 16)
     assert resolved["gradient_clipping"] == 0.5 and resolved["bf16"]["enabled"] is False
     hidden_size = MODEL_CONFIG["hidden_size"]
     assert resolved["zero_optimization"]["reduce_bucket_size"] == hidden_size * hidden_size
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
-        _resolve_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, config, 2, None)
+        fill_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, config, 2, None)
     with pytest.raises(ValueError, match="optimizer"):
-        _resolve_deepspeed_config({"optimizer": {"type": "AdamW"}}, config, 2, None)
+        fill_deepspeed_config({"optimizer": {"type": "AdamW"}}, config, 2, None)
     with pytest.raises(ValueError, match="zero_optimization.sub_group_size"):
-        _resolve_deepspeed_config({"zero_optimization": {"sub_group_size": "auto"}}, config, 2, None)
+        fill_deepspeed_config({"zero_optimization": {"sub_group_size": "auto"}}, config, 2, None)

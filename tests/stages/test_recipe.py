@@ -86,8 +86,8 @@ def test_recipe_zero3_with_ppo(isolated_home: Path) -> None:
     summary = _summary(isolated_home, "z3")
     assert summary["stages"][2]["algorithm"] == "ppo"
     from reward.models import load_reward
-    from stages import models
-    from stages.registry import Registry
+    from stages.core import models
+    from stages.core.registry import Registry
 
     for stage in summary["stages"]:
         entry = Registry(isolated_home).get(stage["registry"])
@@ -133,6 +133,6 @@ def test_recipe_killed_during_reward_stage_resumes_without_rerunning_sft(isolate
     assert "eval/pairwise_accuracy" in summary["stages"][1]["metrics"]
     # the reward stage's seconds are its resumed attempt only, and the summary says so
     assert [s.get("resumed", False) for s in summary["stages"]] == [False, True, False]
-    from stages.registry import Registry
+    from stages.core.registry import Registry
 
     assert [e.version for e in Registry(isolated_home).list(include_builtin=False) if e.name == "kr/sft"] == [1]

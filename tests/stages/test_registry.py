@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.registry import Registry, RegistryError
+from stages.core.registry import Registry, RegistryError
 
 
 def test_round_trip_and_lineage(tmp_path: Path) -> None:

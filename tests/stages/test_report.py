@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import common, recipe, report
+from stages import recipe, report
+from stages.core import checkpoints
 from stages.cli import main as cli_main
-from stages.registry import Registry
+from stages.core.registry import Registry
 
 # matplotlib's first two colours: run 1's curves and run 2's.
 RUN_COLOURS = {"C0": (31, 119, 180), "C1": (255, 127, 14)}
@@ -222,8 +223,8 @@ def test_ppo_history_survives_a_resume_and_outlives_the_checkpoints(tmp_path):
     from stages.ppo import HISTORY_FILE, PPOConfig, PPOTrainer
 
     root = Path(__file__).resolve().parents[2]
-    model_config = AutoConfig.for_model(**yaml.safe_load((root / "configs/models/tiny-llama.yaml").read_text())["config"])
-    tokenizer = AutoTokenizer.from_pretrained(root / "assets/tiny_tokenizer")
+    model_config = AutoConfig.for_model(**yaml.safe_load((root / "stages/core/resources/models/tiny-llama.yaml").read_text())["config"])
+    tokenizer = AutoTokenizer.from_pretrained(root / "stages/core/resources/tiny_tokenizer")
     torch.set_num_threads(1)
 
     class Crash(Exception):
@@ -249,7 +250,7 @@ def test_ppo_history_survives_a_resume_and_outlives_the_checkpoints(tmp_path):
     with pytest.raises(Crash):
         trainer(crash_at_step_3).train()
     trainer().train(resume=True)
-    common.remove_checkpoints(tmp_path)
+    checkpoints.remove_checkpoints(tmp_path)
 
     assert not list(tmp_path.glob("checkpoint-*"))
     kept = [json.loads(line) for line in (tmp_path / HISTORY_FILE).read_text().splitlines()]
@@ -262,7 +263,7 @@ def test_ppo_history_survives_a_resume_and_outlives_the_checkpoints(tmp_path):
 def test_cleanup_keeps_the_newest_hf_checkpoint_log_history(tmp_path):
     for step in (100, 200):
         _write(tmp_path / f"checkpoint-{step}" / "trainer_state.json", {"log_history": [{"step": step, "loss": 1.0}]})
-    common.remove_checkpoints(tmp_path)
+    checkpoints.remove_checkpoints(tmp_path)
     assert not list(tmp_path.glob("checkpoint-*"))
     assert report._load_history(tmp_path) == [{"step": 200, "loss": 1.0}]
 
@@ -270,7 +271,8 @@ def test_cleanup_keeps_the_newest_hf_checkpoint_log_history(tmp_path):
 def test_policy_samples_hold_the_reference_answer_and_its_reward(tiny_tokenizer):
     """The samples table's SFT columns: the reference (SFT) model answers the same prompts as the policy,
     scored by the same reward function (here: the answer's length, so the expected value is known)."""
-    from stages import evaluation, models
+    from stages import evaluation, generation
+    from stages.core import models
 
     torch.set_num_threads(1)
     base = Registry(os.devnull).get("tiny-llama")
@@ -284,7 +286,7 @@ def test_policy_samples_hold_the_reference_answer_and_its_reward(tiny_tokenizer)
         policy, reference, tiny_tokenizer, config, reward_fn=lambda prompts, responses: torch.tensor([float(len(r)) for r in responses])
     )
     prompts = [row["prompt"] for row in evaluation.heldout_rows(config)][:3]
-    expected = evaluation.generate(reference, tiny_tokenizer, prompts, config.max_new_tokens, config.batch_size)
+    expected = generation.generate(reference, tiny_tokenizer, prompts, config.max_new_tokens, config.batch_size)
     assert [sample["prompt"] for sample in samples] == [prompt[-1]["content"] for prompt in prompts]
     assert [sample["reference_response"] for sample in samples] == expected
     assert [sample["reference_reward"] for sample in samples] == [float(len(answer)) for answer in expected]

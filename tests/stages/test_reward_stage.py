@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from stages import reward_model
-from stages.config import load_config
-from stages.registry import Registry
+from stages.core.config import load_config
+from stages.core.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -102,7 +102,7 @@ def test_likelihood_head_trains_the_lm_and_saves_a_plain_causal_lm(tmp_path: Pat
 
 
 def test_centring_and_unmerged_lora_are_refused_for_the_likelihood_head(tmp_path: Path) -> None:
-    from stages.config import ConfigError
+    from stages.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="center_rewards_coefficient does not apply to head: likelihood"):
         _config(tmp_path, "head=likelihood", "train.center_rewards_coefficient=0.01")
@@ -127,6 +127,6 @@ def test_lora_likelihood_head_trains_only_adapters_and_keeps_the_head_mark(tmp_p
     assert not (tmp_path / "rm" / "adapter_model.safetensors").exists()
     # The merge rebuilt the config from the SFT model's (num_labels 2); PPO still takes it as a scalar reward.
     from reward.models import load_reward
-    from stages.ppo import _TokenScores
+    from stages.ppo.engine import TokenScores
 
-    _TokenScores(load_reward(Registry().get("reward:latest")))
+    TokenScores(load_reward(Registry().get("reward:latest")))

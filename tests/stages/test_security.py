@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import cli, models
-from stages.registry import Registry
-from stages.secrets import REDACTED, scrub, scrub_argv
+from stages import cli
+from stages.core import models
+from stages.core.registry import Registry
+from stages.core.secrets import REDACTED, scrub, scrub_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_SECRETS = {
@@ -101,9 +102,9 @@ def test_weights_load_from_safetensors_and_a_pickle_is_never_opened(saved_model:
 def test_trust_remote_code_is_off_by_default_and_recorded_per_model(saved_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stages import common, policy, reward_model, sft
+    from stages import lifecycle, policy, reward_model, sft
 
-    for config_class in (common.StageConfig, sft.SFTStageConfig, reward_model.RewardStageConfig, policy.PolicyStageConfig):
+    for config_class in (lifecycle.StageConfig, sft.SFTStageConfig, reward_model.RewardStageConfig, policy.PolicyStageConfig):
         assert config_class().trust_remote_code is False, config_class
     registry = Registry()
     plain = registry.begin("plain/sft", "sft", saved_model)

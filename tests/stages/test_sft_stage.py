@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import models, sft
-from stages.common import OutputDirError
-from stages.config import load_config
-from stages.registry import Registry
+from stages import sft
+from stages.core import models
+from stages.lifecycle import OutputDirError
+from stages.core.config import load_config
+from stages.core.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = [

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from stages import data, evaluation, mixture, tasks, templates
-from stages.config import ConfigError, load_config
+from stages import data, evaluation, tasks
+from stages.data import mixture
+from stages.tasks import templates
+from stages.core.config import ConfigError, load_config
 from stages.data import DatasetSpec
-from stages.templates import TemplateError
+from stages.tasks.templates import TemplateError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_FILES = sorted((REPO_ROOT / "configs" / "templates").glob("*.yaml"))
 
 
 def _load_shipped(path: Path) -> templates.Templates:
-    if path == tasks.DEFAULT_TEMPLATES:
+    if path.resolve() == tasks.DEFAULT_TEMPLATES.resolve():  # configs/templates/ links to the package copy
         return tasks.load_templates(path)
     return templates.load(path, templates.DATASET_TASKS)
 

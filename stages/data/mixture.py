@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from typing import Any, Callable, Sequence
 
 from stages import tasks
-from stages.data import DatasetSpec
+from stages.data.formats import DatasetSpec
 
 # A stage's loader: (spec, position in the list, examples wanted or None for all) -> rows.
 Loader = Callable[[DatasetSpec, int, "int | None"], list[dict[str, Any]]]

@@ -25,14 +25,16 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from stages.core.errors import UserError
+from stages.core.paths import REPO_ROOT
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _patched = False
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """The DeepSpeed config file is missing, not JSON, or asks for what this hardware can't do."""
 
 

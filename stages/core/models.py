@@ -15,12 +15,13 @@ from typing import Any
 import torch
 import yaml
 
-from stages.registry import REPO_ROOT, Entry
+from stages.core.errors import UserError
+from stages.core.registry import Entry
 
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "training_args.bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model or tokenizer cannot be loaded; the message names it and says why."""
 
 
@@ -28,8 +29,8 @@ def load_tokenizer(entry: Entry, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_ready(entry)
-    source = _builtin_spec(entry)["tokenizer"] if entry.builtin else entry.path
-    source = str(REPO_ROOT / source) if entry.builtin else source
+    # A built-in spec names its tokenizer folder relative to the spec file (both ship in the package).
+    source = str(Path(entry.path).parent / _builtin_spec(entry)["tokenizer"]) if entry.builtin else entry.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code or entry.trust_remote_code)
     except ValueError as error:
@@ -81,10 +82,11 @@ def chat_template_hash(tokenizer: Any) -> str | None:
 
 
 def check_ready(entry: Entry) -> None:
-    """Refuse an entry whose stage never finished (asked for by explicit version): its files may be half-written."""
+    """Refuse an entry whose stage never finished or failed (asked for by explicit version): its files may be half-written."""
     if entry.status != "ready":
+        why = "failed before it finished" if entry.status == "failed" else "never finished"
         raise ModelLoadError(
-            f"{entry.ref} is {entry.status}: the stage writing {entry.path} never finished, so its files may be half-written. "
+            f"{entry.ref} is {entry.status}: the stage writing {entry.path} {why}, so its files may be half-written. "
             f"Resume that run (resume=true, same run_name/output_dir), or use a ready version ({entry.name}:latest)."
         )
 

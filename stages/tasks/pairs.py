@@ -1,4 +1,4 @@
-"""Embedded preference pairs: the correct answer over a plausible wrong one.
+"""Embedded preference pairs: the correct answer over a plausible wrong one (training and held-out).
 
 Negatives come from two places: the SFT model's own sampled answers when they are wrong (the
 mistakes a reward model must judge during PPO), and, where the model happened to be right,
@@ -10,7 +10,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from stages import tasks
+from stages import generation
+from stages.tasks.families import Split, generate
+from stages.tasks.verifier import is_correct
 
 
 def corrupt(answer: str, task: str, rng: random.Random) -> str:
@@ -37,18 +39,18 @@ def corrupt(answer: str, task: str, rng: random.Random) -> str:
 def embedded_pairs(
     num_pairs: int,
     seed: int,
-    split: tasks.Split = "train",
+    split: Split = "train",
     sampled_responses: list[str] | None = None,
     rows: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Pairs for task prompts; `sampled_responses[i]` (the policy's answer to `rows[i]`) is used as
     the rejected side whenever it is wrong."""
-    rows = rows if rows is not None else tasks.generate(num_pairs, seed=seed, split=split)
+    rows = rows if rows is not None else generate(num_pairs, seed=seed, split=split)
     rng = random.Random(f"pairs-{seed}-{split}")
     pairs = []
     for index, row in enumerate(rows):
         sampled = sampled_responses[index] if sampled_responses is not None else None
-        on_policy = sampled is not None and sampled.strip() and not tasks.is_correct(sampled, row["answer"])
+        on_policy = sampled is not None and sampled.strip() and not is_correct(sampled, row["answer"])
         rejected = sampled if on_policy else corrupt(row["answer"], row["task"], rng)
         pairs.append(
             {
@@ -60,3 +62,15 @@ def embedded_pairs(
             }
         )
     return pairs
+
+
+def heldout_pairs(
+    policy: Any | None, tokenizer: Any, num_pairs: int, seed: int, temperature: float = 1.0, families: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Pairs on eval-split prompts (of `families`, default all); negatives sampled from `policy`
+    where it errs, else corruptions. Collective under the launcher when a policy samples."""
+    rows = generate(num_pairs, seed=seed, split="eval", families=families)
+    sampled = None
+    if policy is not None:
+        sampled = generation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], seed, 16, temperature)
+    return embedded_pairs(num_pairs, seed, split="eval", sampled_responses=sampled, rows=rows)

@@ -1,10 +1,11 @@
 """The model registry every stage reads from and writes to.
 
-An entry is a model a stage can load: a built-in base model (a config in `configs/models/`), or a
+An entry is a model a stage can load: a built-in base model (a config in `stages/core/resources/models/`), or a
 stage output registered by a run. Storage is one SQLite file under `RLHF_HOME`: every write is a
 transaction, so several processes can register at once without losing or corrupting anything.
 A stage registers its output as `incomplete` when it starts and flips it to `ready` only after the
-output directory is completely written; nothing else ever reads an incomplete entry as a model.
+output directory is completely written, or to `failed` when the stage raises (a killed process leaves it
+`incomplete`); nothing ever reads an entry that is not ready as a model (stages/lifecycle.py).
 
 References: `NAME` or `NAME:latest` (newest ready version), `NAME:VERSION`, `KIND:latest` (newest
 ready entry of kind sft/reward/policy when no entry is called that), a built-in base name such as
@@ -25,10 +26,10 @@ from typing import Any, Iterator, Literal
 
 import yaml
 
-from stages.secrets import scrub
+from stages.core.errors import UserError
+from stages.core.paths import BUILTIN_MODELS_DIR
+from stages.core.secrets import scrub
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_MODELS_DIR = REPO_ROOT / "configs" / "models"
 KINDS = ("base", "sft", "reward", "policy")
 Kind = Literal["base", "sft", "reward", "policy"]
 Status = Literal["incomplete", "ready", "failed"]
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS entries (
 """
 
 
-class RegistryError(LookupError):
+class RegistryError(UserError, LookupError):
     """A reference that resolves to nothing loadable; the message says what was looked for."""
 
 
@@ -132,7 +133,7 @@ class Registry:
         return self.update(ref, status="ready", **fields)
 
     def remove_incomplete(self, delete_files: bool = False) -> list[Entry]:
-        """`rlhf registry gc`: drop entries that never became ready (and optionally their files)."""
+        """`rlhf registry gc`: drop entries that never became ready, incomplete or failed (and optionally their files)."""
         removed = [entry for entry in self.list() if entry.status != "ready" and not entry.builtin]
         with self._transaction() as db:
             for entry in removed:
@@ -217,7 +218,7 @@ class Registry:
 
 
 def builtin_entries() -> list[Entry]:
-    """The config-only base models shipped in `configs/models/`."""
+    """The config-only base models shipped in the package (`stages/core/resources/models/`)."""
     entries = []
     for path in sorted(BUILTIN_MODELS_DIR.glob("*.yaml")):
         spec = yaml.safe_load(path.read_text())

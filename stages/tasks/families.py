@@ -1,7 +1,7 @@
 """The embedded instruction tasks: verifiable, generated, with a held-out split disjoint from training.
 
 Each example is one task *instance* (family + arguments, e.g. add 23 and 45) rendered through one
-instruction *phrasing* from `configs/templates/embedded_tasks.yaml`. Which split an instance belongs
+instruction *phrasing* from `stages/tasks/embedded_tasks.yaml` (also at configs/templates/). Which split an instance belongs
 to is decided by a hash of the instance alone (not of the seed or the phrasing), so held-out prompts
 can never occur in training data, whatever seeds or sizes either side is generated with. Held-out
 *phrasings* (the `heldout` set of the template file) and held-out *families* (`eval.heldout_tasks`,
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from stages import templates
+from stages.core.paths import resource
+from stages.tasks import templates
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEMPLATES = REPO_ROOT / "configs" / "templates" / "embedded_tasks.yaml"
+DEFAULT_TEMPLATES = resource("stages.tasks", "embedded_tasks.yaml")  # package data: works from a wheel too
 HELDOUT_PERCENT = 20  # share of task instances reserved for evaluation
 MAX_ADDEND = 20  # sums below 40: learnable by the tiny default in its budget
 WORD_LENGTHS = (3, 6)
@@ -137,7 +137,3 @@ def generate(
             )
     return rows[:num_examples]
 
-
-def is_correct(response: str, answer: str) -> bool:
-    """Exact match after trimming surrounding whitespace (the verifiable check of every family)."""
-    return response.strip() == answer.strip()

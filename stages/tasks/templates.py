@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from stages.config import ConfigError
+from stages.core.config import ConfigError
 
 TemplateSet = Literal["train", "heldout"]
 Templates = dict[str, dict[TemplateSet, list[str]]]  # task -> set -> phrasings

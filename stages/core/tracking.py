@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.secrets import scrub, scrub_argv
+from stages.core.secrets import scrub, scrub_argv
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""Training data as the stages consume it: formats, mixtures of sources, and length-grouped batches.
+
+- `formats`: DatasetSpec (one source: embedded, a local file or a Hub dataset), reading files and Hub
+  datasets, converting every supported SFT and preference format to one conversational shape, with
+  errors that name the file and row;
+- `preferences`: preference pairs (prompt/chosen/rejected, HH-RLHF text) in the same shape;
+- `mixture`: how many rows each source gives (fixed counts or weights), drawn deterministically, and
+  the realised mixture report;
+- `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`).
+
+May import: `stages.core`, `stages.tasks` (the embedded source) and third-party packages; nothing above
+(checked by import-linter). The package re-exports `formats` and `preferences`, so `from stages import data;
+data.load_sft_rows(...)` reads as before.
+"""
+
+from stages.data.formats import (
+    DataError,
+    DatasetSpec,
+    check_messages,
+    convert_sft_row,
+    detect_format,
+    embedded_rows,
+    fingerprint,
+    load_sft_rows,
+    read_rows,
+    token_count,
+    token_counts,
+)
+from stages.data.preferences import convert_preference_row, load_preference_rows
+
+__all__ = [
+    "DataError", "DatasetSpec", "check_messages", "convert_preference_row", "convert_sft_row", "detect_format",
+    "embedded_rows", "fingerprint", "load_preference_rows", "load_sft_rows", "read_rows", "token_count", "token_counts",
+]

@@ -1,0 +1,118 @@
+"""Generation shared by every stage and our PPO: chat prompts encoded and left padded, greedy or sampled
+answers, each sampled batch seeded on its own.
+
+Under the deepspeed launcher `generate` is collective: every rank calls it, answers its share of the
+batches (core.distributed.map_shards) and gets every answer. Sampled batches have a fixed size and a
+seed of their own (`batch_seed`), so on-policy samples are the same at any number of ranks.
+
+May import: `stages.core` and torch; nothing above (checked by import-linter).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from stages.core import distributed
+
+Messages = list[dict[str, str]]
+# Sampled generation runs in batches of this size, each with its own seed: the samples then do not depend
+# on how many ranks share the batches (64: even 200 prompts still give every rank of 2-4 some work).
+SAMPLE_BATCH_SIZE = 64
+
+
+def encode_prompt(tokenizer: Any, messages: Messages) -> list[int]:
+    """The token ids of a chat prompt ready for the assistant's reply (no extra special tokens: the chat
+    template already holds every one)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded (batch, max_len) ids and mask: every prompt ends in the last column, where
+    generation continues."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, width - len(sequence) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def left_padded_prompts(tokenizer: Any, prompts: list[Messages], device: torch.device) -> dict[str, torch.Tensor]:
+    """The chat-formatted prompts as one left-padded batch: `input_ids` and `attention_mask`, (batch, max_len)."""
+    input_ids, attention_mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one sampled batch: distinct for nearby seeds too (seed 42 batch 1 vs seed 43 batch 0)."""
+    return seed * 100_003 + batch_index
+
+
+@contextmanager
+def batch_rng(model: Any, seed: int, batch_index: int) -> Iterator[None]:
+    """The global RNG (CPU, and the model's GPU) seeded for one batch, and restored afterwards."""
+    device = model.device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(batch_seed(seed, batch_index))
+        yield
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Messages],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Answer chat prompts; returns decoded responses without special tokens. Collective under the launcher.
+
+    Greedy: the prompts are spread over the ranks in batches of at most `batch_size`. Sampled: batches of
+    exactly `batch_size`, batch i drawn with its own seed (from `seed` and i), without moving the caller's
+    global RNG.
+    """
+    chunk_size = batch_size if do_sample else distributed.spread_chunk_size(len(prompts), at_most=batch_size)
+
+    def answer(index: int, batch_prompts: list[Messages]) -> list[str]:
+        with batch_rng(model, seed, index):  # only sampling draws from it
+            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample, temperature)
+
+    return distributed.map_shards(answer, prompts, chunk_size)
+
+
+def sample_responses(
+    model: Any, tokenizer: Any, prompts: list[Messages], seed: int, max_new_tokens: int, temperature: float = 1.0
+) -> list[str]:
+    """One sampled answer per prompt, seeded (on-policy negatives). Collective under the launcher."""
+    return generate(model, tokenizer, prompts, max_new_tokens, SAMPLE_BATCH_SIZE, do_sample=True, temperature=temperature, seed=seed)
+
+
+@torch.no_grad()
+def _generate_batch(
+    model: Any, tokenizer: Any, prompts: list[Messages], max_new_tokens: int, do_sample: bool, temperature: float
+) -> list[str]:
+    was_training = model.training
+    model.eval()
+    try:
+        batch = left_padded_prompts(tokenizer, prompts, model.device)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        model.train(was_training)

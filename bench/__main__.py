@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=None, help="comma-separated arm names to keep (default: all)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before an arm is abandoned")
     parser.add_argument("--ppo-before", default=None, metavar="REVISION",
-                        help="also run stages/ppo.py as of this git revision (arm ours@REVISION): before/after in one run")
+                        help="also run stages/ and reward/ as of this git revision (arm ours@REVISION): before/after in one run")
     parser.add_argument("--ppo-models", default="tiny", metavar="SIZES",
                         help="PPO comparisons on these models: tiny (the default model), 0.67m (the 0.67 M PPO anchor shape);"
                              " default tiny, which keeps `all` under 15 minutes")

@@ -41,7 +41,7 @@ MAX_LENGTH = 128  # tokens; every generated example fits, so no arm drops or tru
 
 def stage_settings(config: str, section: str, drop: set[str]) -> dict[str, Any]:
     """A stage config's TRL section (minus `drop`), plus the stage keys that change how TRL trains: what
-    common.trl_args adds, and `length_grouping` (our batch sampler; see `trainer_class`)."""
+    stages.trainers.trl_args adds, and `length_grouping` (our batch sampler; see `trainer_class`)."""
     loaded = yaml.safe_load((ROOT / "configs" / config).read_text())
     settings = {key: value for key, value in loaded[section].items() if key not in drop}
     return {"logging_nan_inf_filter": False, "length_grouping": loaded.get("length_grouping", 0)} | settings

@@ -1,10 +1,10 @@
-"""PPO: episodes/s and the generation / scoring / training split, our stages/ppo.py against TRL 1.11's PPOTrainer.
+"""PPO: episodes/s and the generation / scoring / training split, our stages/ppo/ against TRL 1.11's PPOTrainer.
 
 Same work in every PPO arm: the same models (policy and reference from one init, reward model and critic
 random sequence classifiers), the same prompts, `steps` PPO steps of 64 episodes, responses of at most 10
 tokens (stopping at eos; random weights seldom sample it), 4 PPO epochs x 4 mini-batches of 16, fp32, no
 checkpoints written, no sample generations. The setting of the project's first PPO speed anchor (TRL 1.11, 0.67 M model).
-- ours: stages/ppo.py (PPOTrainer) with that PPOConfig;
+- ours: stages/ppo/ (PPOTrainer) with that PPOConfig;
 - trl111: trl.experimental.ppo.PPOTrainer 1.11 (bench/.venv-trl111) with its defaults, except the shape above,
   bf16=False/use_cpu=True (CPU), num_sample_generations=0 (no extra generation), stop_token="eos" (as ours);
 - trl111_no_gc: the same with gradient checkpointing off, as ours (TRL 1.11's PPOConfig turns it on).
@@ -39,16 +39,13 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_ours(params: dict[str, Any]) -> dict[str, Any]:
-    if params.get("source"):  # an earlier stages/ppo.py (--ppo-before REVISION), for before/after in one run
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("stages.ppo_before", params["source"])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-        PPOConfig, PPOTrainer = module.PPOConfig, module.PPOTrainer
-    else:
-        from stages.ppo import PPOConfig, PPOTrainer
+    if params.get("source"):  # an earlier revision's stages/ and reward/ (--ppo-before REVISION): before/after in one run
+        # The arm is a forked child: dropping our packages and importing the old tree in their place touches
+        # nothing outside this process. `stages.ppo` is a module before the layout change and a package after.
+        for name in [name for name in sys.modules if name.split(".")[0] in ("stages", "reward")]:
+            del sys.modules[name]
+        sys.path.insert(0, params["source"])
+    from stages.ppo import PPOConfig, PPOTrainer
 
     actor, reference, reward_model, critic = _models(params["model"])
     tokenizer = common.tokenizer()
@@ -110,14 +107,16 @@ def _run_group_relative(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _source_at(revision: str) -> str:
-    """stages/ppo.py as it was at a git revision, written to a temporary file."""
+    """The `stages/` and `reward/` packages as they were at a git revision, extracted into a temporary folder."""
+    import io
     import subprocess
+    import tarfile
 
-    text = subprocess.run(["git", "show", f"{revision}:stages/ppo.py"], cwd=common.ROOT, check=True, capture_output=True,
-                          text=True).stdout
-    path = Path(tempfile.gettempdir()) / f"bench_ppo_{revision.replace('/', '_')}.py"
-    path.write_text(text)
-    return str(path)
+    archive = subprocess.run(["git", "archive", revision, "stages", "reward"], cwd=common.ROOT, check=True, capture_output=True).stdout
+    directory = Path(tempfile.mkdtemp(prefix=f"bench_ppo_{revision.replace('/', '_')}_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    return str(directory)
 
 
 def comparisons(quick: bool, before: str | None = None, models: list[str] | None = None) -> list[Comparison]:

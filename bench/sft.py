@@ -4,7 +4,7 @@ Arms (each one epoch over the same rows, same model init, same order seed):
 - trl_defaults: `SFTConfig()` as shipped (batch 8, gradient checkpointing on, max_length 1024, no packing),
   except bf16=False and use_cpu=True, which a CPU run needs (TRL 1.16 defaults bf16 to True).
 - ours: the `train:` section of configs/sft/tiny.yaml, read at run time, so the bench follows the stage.
-  With its top-level `length_grouping` (stages/batching.py), as the stage applies it.
+  With its top-level `length_grouping` (stages/data/batching.py), as the stage applies it.
 - ours+length_grouping, ours+packing, ours+padding_free: the same with length-grouped batches
   (`length_grouping: 4`), TRL's BFD packing (which implies padding-free) or padding-free batches alone.
 Both datasets come from bench/common.py: "variable" (16 to 122 tokens, mean 49, skewed short) and "uniform" (60 each).
@@ -24,7 +24,7 @@ SCHEDULE_KEYS = {"num_train_epochs", "max_steps", "save_strategy", "save_steps",
 
 
 def our_settings() -> dict[str, Any]:
-    """configs/sft/tiny.yaml's TRL section, without its schedule and I/O keys, plus what common.trl_args adds."""
+    """configs/sft/tiny.yaml's TRL section, without its schedule and I/O keys, plus what stages.trainers.trl_args adds."""
     return common.stage_settings("sft/tiny.yaml", "train", SCHEDULE_KEYS)
 
 
@@ -35,7 +35,7 @@ def trl_default_settings() -> dict[str, Any]:
 ARM_SETTINGS = {
     "trl_defaults": trl_default_settings,
     "ours": our_settings,
-    # Ours with length-grouped batches (stages/batching.py, groups of 4 batches): what the sampler buys.
+    # Ours with length-grouped batches (stages/data/batching.py, groups of 4 batches): what the sampler buys.
     "ours+length_grouping": lambda: our_settings() | {"length_grouping": 4},
     "ours+packing": lambda: our_settings() | {"packing": True},
     # padding-free without packing leaves max_length unenforced: TRL requires max_length=None (every row fits).

@@ -37,7 +37,6 @@ class PolicyInputs:
     reference: Any  # None with LoRA: the policy with its adapters disabled is the reference
     reward_model: Any  # None without a stage-2 reward model
     tokenizer: Any
-    deepspeed_config: str | None
 
 
 @dataclass
@@ -58,7 +57,7 @@ def train_dpo(inputs: PolicyInputs) -> PolicyOutcome:
     trainer = batching.length_grouped(DPOTrainer, config.length_grouping)(
         model=inputs.policy,
         ref_model=inputs.reference,  # None with LoRA: TRL then uses the adapter-disabled policy
-        args=trainers.trl_args(DPOConfig, stage, config, config.dpo, inputs.deepspeed_config),
+        args=trainers.trl_args(DPOConfig, stage, config, config.dpo),
         train_dataset=trainers.shared_dataset(stage, Dataset.from_list(mixture.strip_source(inputs.examples))),
         processing_class=inputs.tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
@@ -80,7 +79,7 @@ def train_group_relative(inputs: PolicyInputs) -> PolicyOutcome:
     trainer = trainer_class(
         model=inputs.policy,
         reward_funcs=reward_funcs,
-        args=trainers.trl_args(config_class, stage, config, section, inputs.deepspeed_config),
+        args=trainers.trl_args(config_class, stage, config, section),
         train_dataset=Dataset.from_list(mixture.strip_source(inputs.examples)),
         processing_class=inputs.tokenizer,
         reward_processing_classes=[inputs.tokenizer if fn is reward_model else None for fn in reward_funcs],
@@ -129,7 +128,7 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
         config=config.ppo,
         output_dir=stage.output_dir,
         reward_fn=answer_reward(inputs.examples) if config.verifiable_reward else None,
-        deepspeed_config=inputs.deepspeed_config,
+        deepspeed_config=stage.deepspeed_config,
         log_hook=log_hook,
     )
     history = trainer.train(resume=config.resume)

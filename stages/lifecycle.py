@@ -1,6 +1,6 @@
 """The stage lifecycle, written down once: every stage's `run` is one `with StageRun.open(...)` block.
 
-    with StageRun.open(config, stage="sft") as run:      # setup: seed, claim the output directory
+    with StageRun.open(config, stage="sft") as run:      # setup: DeepSpeed file checked, seed, output directory claimed
         if run.already_done: return run.metrics          #   (resume=true of a stage registered ready)
         ... model and tokenizer, data, trainer ...        # a bad input raises here: nothing recorded
         run.begin(parent=base, tokenizer=tokenizer)       # W&B run + registry entry, `incomplete`
@@ -105,6 +105,7 @@ class StageRun:
     run_name: str
     output_dir: Path
     registry: Registry
+    deepspeed_config: str | None = None  # the checked DeepSpeed file's absolute path (None: no DeepSpeed)
     entry: Entry | None = None
     wandb_run: Any = None
     started: float = field(default_factory=time.time)
@@ -120,11 +121,11 @@ class StageRun:
         run = cls._claim(config, stage, kind or stage)
         try:
             yield run
-        except Exception:
+            if not run.already_done:
+                run._finish()
+        except Exception:  # the stage's, or a failed write of its metrics and card: either way not ready
             run._fail()
             raise
-        if not run.already_done:
-            run._finish()
 
     # -- setup ---------------------------------------------------------------------------------
     @classmethod
@@ -132,13 +133,15 @@ class StageRun:
         """Name the run, claim the output directory (main process writes its manifest)."""
         from transformers import set_seed
 
+        deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)  # a bad file stops before anything is written
         distributed.setup()
         # Seed before any model is built: a new head (the reward model's score layer) is initialised from the
         # global generator, so without this an interrupted-and-resumed run would not match an uninterrupted one.
         set_seed(config.seed)
         run_name = config.run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         output_dir = Path(config.output_dir) if config.output_dir else rlhf_home() / run_name / stage
-        run = cls(stage=stage, kind=kind, config=config, run_name=run_name, output_dir=output_dir.resolve(), registry=Registry())
+        run = cls(stage=stage, kind=kind, config=config, run_name=run_name, output_dir=output_dir.resolve(), registry=Registry(),
+                  deepspeed_config=deepspeed_config)
         if distributed.is_main_process():
             run._claim_output_dir()
         run.already_done = distributed.broadcast_object(run.already_done)
@@ -233,7 +236,7 @@ class StageRun:
         """The stage raised after begin(): the entry says so (it is never resolved as a model) and W&B closes."""
         if not distributed.is_main_process() or self.already_done:
             return
-        if self.entry is not None:
+        if self.entry is not None and self.entry.status != "ready":
             self.entry = self.registry.update(self.entry.ref, status="failed")
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)

@@ -87,7 +87,6 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
     with StageRun.open(config, stage="policy") as stage:
         if stage.already_done:
             return stage.metrics
-        deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
 
         # -- model and tokenizer ---------------------------------------------------------------
         registry = Registry()
@@ -111,7 +110,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         stage.begin(parent=base, tokenizer=tokenizer)
         if reward_entry is not None:
             stage.record(reward_model=reward_entry.ref)
-        inputs = algorithms.PolicyInputs(config, stage, examples, policy, reference, reward_model, tokenizer, deepspeed_config)
+        inputs = algorithms.PolicyInputs(config, stage, examples, policy, reference, reward_model, tokenizer)
         outcome = algorithms.ALGORITHMS[config.algorithm](inputs)
 
         # -- save ------------------------------------------------------------------------------

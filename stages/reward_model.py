@@ -93,7 +93,6 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     with StageRun.open(config, stage="reward") as stage:
         if stage.already_done:
             return stage.metrics
-        deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
 
         # -- model and tokenizer ---------------------------------------------------------------
         registry = Registry()
@@ -132,7 +131,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         trainer_class = likelihood.with_chosen_nll(RewardTrainer, config.chosen_nll_coefficient)
         trainer = batching.length_grouped(trainer_class, config.length_grouping)(
             model=model,
-            args=trainers.trl_args(RewardConfig, stage, config, config.train, deepspeed_config),
+            args=trainers.trl_args(RewardConfig, stage, config, config.train),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=_peft_config(config),

@@ -4,7 +4,7 @@ What it implements: supervised fine-tuning on prompt/completion pairs with the l
 tokens only (TRL's completion mask), the model's chat template applied identically in training and
 in generation, optional LoRA (merged on save by default), optional packing, and DeepSpeed ZeRO-2/3
 from `deepspeed_configs/`. Departures: multi-turn conversations train on their final assistant turn
-only (see stages/data.py); examples longer than `train.max_length` are dropped, not truncated, since
+only (see stages/data/formats.py); examples longer than `train.max_length` are dropped, not truncated, since
 a truncated answer teaches the model to stop mid-answer (the count is printed).
 
 Run:
@@ -60,7 +60,6 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
     with StageRun.open(config, stage="sft") as stage:
         if stage.already_done:
             return stage.metrics
-        deepspeed_config = distributed.resolve_deepspeed_config(config.deepspeed)
 
         # -- model and tokenizer ---------------------------------------------------------------
         base = Registry().get(config.model)
@@ -87,7 +86,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
 
         trainer = batching.length_grouped(SFTTrainer, config.length_grouping)(
             model=model,
-            args=trainers.trl_args(SFTConfig, stage, config, config.train, deepspeed_config),
+            args=trainers.trl_args(SFTConfig, stage, config, config.train),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,

@@ -41,13 +41,13 @@ def check_trl_section(trl_class: type, values: dict[str, Any], section: str, sou
     return validate_section(trl_class, values, source, f"{section}.")
 
 
-def trl_args(trl_class: type, stage: StageRun, config: StageConfig, section: dict[str, Any], deepspeed_config: str | None) -> Any:
+def trl_args(trl_class: type, stage: StageRun, config: StageConfig, section: dict[str, Any]) -> Any:
     """TRL training arguments: the stage's owned fields plus the checked section."""
     return trl_class(
         output_dir=str(stage.output_dir),
         run_name=stage.run_name,
         seed=config.seed,
-        deepspeed=deepspeed_config,
+        deepspeed=stage.deepspeed_config,
         report_to=["wandb"] if config.tracking.report_to == "wandb" else [],  # reuses the run opened by StageRun.begin
         # HF Trainer's default replaces a non-finite step loss by the running mean, hiding a diverged run
         # from NonFiniteLossGuard; a section may still set it back.

@@ -1,6 +1,6 @@
 """The tensor math of PPO for RLHF, as small pure functions (torch only: no deepspeed, wandb, transformers).
 
-Conventions, shared by every function here and by `stages/ppo.py`:
+Conventions, shared by every function here, by `stages/logprobs.py` and by the trainer (`stages/ppo/trainer.py`):
 - A batch holds `batch` episodes; each episode is a prompt followed by a response of at most `response_len`
   tokens. Per-token tensors are `(batch, response_len)` and are aligned on response tokens: index t is the
   t-th generated token, its log-probability, and the critic's value of the state *before* it was generated.

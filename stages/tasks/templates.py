@@ -2,7 +2,7 @@
 
 A template file is YAML mapping each task to `{train: [phrasing, ...], heldout: [phrasing, ...]}`; a
 phrasing is a string with `{placeholders}`. Which placeholders a task takes is fixed by the code that
-renders it: the embedded task families (stages/tasks.py) and the dataset rephrasings below
+renders it: the embedded task families (stages/tasks/families.py) and the dataset rephrasings below
 (`DATASET_TASKS`: Alpaca `instruction`/`input` pairs and single-turn prompts). A phrasing must use
 every placeholder of its task, since one that drops the argument asks an unanswerable question; an
 unknown placeholder, an unknown task or a phrasing in both sets is an error naming the file and the

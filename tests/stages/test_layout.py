@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -113,8 +114,11 @@ def test_registry_commands_import_neither_torch_nor_transformers(argv: list[str]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO_ROOT)],
+    # Built from a copy of the sources: setuptools' in-tree build/ keeps files of earlier builds.
+    source, out = tmp_path_factory.mktemp("source") / "rlhf-stages", tmp_path_factory.mktemp("wheel")
+    skipped = shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "wandb", "__pycache__", ".*cache", "bench")
+    shutil.copytree(REPO_ROOT, source, symlinks=True, ignore=skipped)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
                    check=True, capture_output=True, text=True)
     (built,) = out.glob("rlhf_stages-*.whl")
     return built

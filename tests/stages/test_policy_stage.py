@@ -127,3 +127,20 @@ def test_likelihood_reward_model_plugs_into_ppo_and_grpo(tmp_path: Path, registe
     )
     assert metrics["algorithm"] == algorithm and metrics["eval/reward_mean"] < 0, metrics
     assert Registry().get("policy:latest").status == "ready"
+
+
+@pytest.mark.slow
+def test_the_registry_entry_names_the_reward_model_it_was_trained_with(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path) -> None:
+    """The stage records its reward model before training; the lifecycle used to replace the metrics at the
+    end, so the registry never held it. Now `rlhf registry show` names it next to the held-out metrics."""
+    metrics = policy.run(
+        _config(
+            tmp_path, "algorithm=ppo", f"reward_model={tiny_sft_dir}", "verifiable_reward=true",
+            "datasets=[{source: embedded, num_examples: 32, tasks: [upper, copy]}]",
+            "ppo.num_steps=1", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.save_steps=null", "eval.num_prompts=8",
+        )
+    )
+    entry = Registry().get("policy:latest")
+    reward_ref = Registry().get(str(tiny_sft_dir)).ref
+    assert entry.metrics["reward_model"] == reward_ref == metrics["reward_model"]
+    assert entry.metrics["eval/exact_match"] == metrics["eval/exact_match"] and "seconds" in entry.metrics

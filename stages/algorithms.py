@@ -58,11 +58,16 @@ def train_dpo(inputs: PolicyInputs) -> PolicyOutcome:
         model=inputs.policy,
         ref_model=inputs.reference,  # None with LoRA: TRL then uses the adapter-disabled policy
         args=trainers.trl_args(DPOConfig, stage, config, config.dpo),
-        train_dataset=trainers.shared_dataset(stage, Dataset.from_list(mixture.strip_source(inputs.examples))),
+        # DPO's loss has no margin term: the score margins of rated sources are not used.
+        train_dataset=trainers.shared_dataset(stage, Dataset.from_list(_without_margins(mixture.strip_source(inputs.examples)))),
         processing_class=inputs.tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
     return _train_trl(trainer, inputs, config.dpo, ("loss_type", "beta", "learning_rate", "num_train_epochs"))
+
+
+def _without_margins(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{key: value for key, value in row.items() if key != "margin"} for row in rows]
 
 
 def train_group_relative(inputs: PolicyInputs) -> PolicyOutcome:

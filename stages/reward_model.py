@@ -60,6 +60,11 @@ class RewardStageConfig(StageConfig):
     onpolicy_negatives: bool = field(default=True, metadata={"help": "Embedded data: use the policy's own wrong samples as rejected answers."})
     sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the on-policy samples."})
     drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed pairs with a count instead of stopping."})
+    use_margins: bool = field(
+        default=True,
+        metadata={"help": "Train with the margins of scored pairs (score or rating difference); pairs of unscored sources get margin 0. "
+                  "false: plain Bradley-Terry on every pair."},
+    )
     heldout_pairs: int = field(default=500, metadata={"help": "Held-out pairs for the evaluation."})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.RewardConfig arguments (checked against its fields)."})
 
@@ -122,7 +127,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         pairs = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
         mixture_metrics = mixture.report(pairs, data.token_counts(tokenizer, pairs), mixture.requested_shares(config.datasets, config.mixture_size))
         print("reward: training mixture\n" + mixture.describe(mixture_metrics))
-        train_dataset = trainers.shared_dataset(stage, _to_dataset(pairs))
+        train_dataset = trainers.shared_dataset(stage, _to_dataset(pairs, config.use_margins))
         dataset_fingerprint = data.fingerprint(pairs)
 
         # -- trainer ---------------------------------------------------------------------------
@@ -204,13 +209,18 @@ def _peft_config(config: RewardStageConfig) -> Any:
     return config.lora.peft_config("SEQ_CLS", modules_to_save=["score"])
 
 
-def _to_dataset(pairs: list[dict[str, Any]]) -> Any:
+def _to_dataset(pairs: list[dict[str, Any]], use_margins: bool) -> Any:
+    """The pairs as a dataset for RewardTrainer. Margins: when any source has scores, every pair carries a
+    margin, 0 for the pairs of sources without (the plain Bradley-Terry loss for those); `use_margins: false`
+    drops them all."""
     from datasets import Dataset
 
-    has_margin = {"margin" in pair for pair in pairs}
-    if has_margin == {True, False}:
-        raise data.DataError("some preference datasets have margins and others do not; give all or none a margin")
-    return Dataset.from_list(mixture.strip_source(pairs))
+    rows = mixture.strip_source(pairs)
+    if use_margins and any("margin" in row for row in rows):
+        rows = [{"margin": 0.0} | row for row in rows]
+    else:
+        rows = [{key: value for key, value in row.items() if key != "margin"} for row in rows]
+    return Dataset.from_list(rows)
 
 
 if __name__ == "__main__":

@@ -313,8 +313,11 @@ def rename_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, An
 
 
 def _require(row: dict[str, Any], key: str, where: str) -> Any:
-    if key not in row or row[key] is None:
-        raise DataError(f"{where}: missing column {key!r} (has {sorted(row)})")
+    if key not in row:
+        raise DataError(f"{where}: missing column {key!r} (has {sorted(row)}; map yours with `columns: {{{key}: NAME}}`)")
+    if row[key] is None:
+        # A file's reader gives every row every column, so a row without the key reads as null too.
+        raise DataError(f"{where}: missing column {key!r} value: the column exists, but this row's value is missing or null")
     return row[key]
 
 

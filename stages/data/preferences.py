@@ -1,8 +1,9 @@
 """Preference pairs from files and Hub datasets, as `{"prompt", "chosen", "rejected"[, "margin"]}` conversations.
 
-Formats: `prompt`/`chosen`/`rejected` (strings or conversations), and Anthropic HH-RLHF raw text
-(`chosen`/`rejected` transcripts sharing their prompt). A malformed pair is an error naming the file and
-row, or with `drop_malformed` a counted skip.
+Formats (convert_preference_row): TRL's standard and conversational preference formats, with explicit or
+implicit prompt (UltraFeedback-binarized, trl-lib's, argilla's dpo-mix: TRL's own `trl.data_utils` finds
+the prompt), and Anthropic HH-RLHF raw text. A malformed pair is an error naming the file and row, or with
+`drop_malformed` a counted skip.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from stages.data.formats import DataError, DatasetSpec, check_messages, read_rows, rename_columns
+
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -32,56 +34,90 @@ def load_preference_rows(spec: DatasetSpec, drop_malformed: bool = False) -> tup
         raise DataError(f"{where}: no usable preference pairs ({dropped} malformed)")
     return rows, dropped
 
-def convert_preference_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """One pair in any supported format → conversational prompt/chosen/rejected.
 
-    Formats: explicit `prompt` + `chosen`/`rejected` (strings or message lists); `chosen`/`rejected`
-    full conversations sharing a prompt (UltraFeedback-binarized, optional `score_chosen`/
-    `score_rejected` → margin); Anthropic HH-RLHF raw text with Human:/Assistant: turns.
+def convert_preference_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """One pair in any supported format -> conversational prompt/chosen/rejected (+ margin where scored).
+
+    - `prompt` + `chosen`/`rejected` as strings (TRL's standard format) or message lists;
+    - `chosen`/`rejected` conversations that repeat the prompt (UltraFeedback-binarized from H4, whose
+      `prompt` string is then ignored; trl-lib's; argilla's dpo-mix): TRL's `maybe_extract_prompt` takes
+      the shared turns as the prompt. Turns that `chosen` and `rejected` still share after an explicit
+      prompt (multi-turn pairs) join the prompt too, as TRL's `extract_prompt` would have it;
+    - Anthropic HH-RLHF raw text (Human:/Assistant: transcripts), which TRL does not read.
+    The margin: a `margin` column, else `score_chosen - score_rejected`, else `chosen_rating - rejected_rating`.
     """
+    from trl.data_utils import extract_prompt, maybe_extract_prompt
+
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     for side in ("chosen", "rejected"):
-        if row.get(side) is None:
-            raise DataError(f"{where}: missing {side!r} side of the pair")
-    chosen, rejected = row["chosen"], row["rejected"]
-    if "prompt" in row and row["prompt"] is not None:
-        prompt = row["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, "prompt")
-        chosen = _as_assistant(chosen, where, "chosen")
-        rejected = _as_assistant(rejected, where, "rejected")
-    elif isinstance(chosen, str) and isinstance(rejected, str):
-        prompt, chosen = _split_hh(chosen, where, "chosen")
-        rejected_prompt, rejected = _split_hh(rejected, where, "rejected")
-        if rejected_prompt != prompt:
-            raise DataError(f"{where}: 'chosen' and 'rejected' continue different conversations")
+        _require_value(row, side, where)
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:
+            prompt, chosen = _split_hh(chosen, where, "chosen")
+            rejected_prompt, rejected = _split_hh(rejected, where, "rejected")
+            if rejected_prompt != prompt:
+                raise DataError(f"{where}: 'chosen' and 'rejected' continue different conversations")
+        else:
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, "prompt")
+            chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
     else:
-        chosen_messages = check_messages(chosen, where, "chosen")
-        rejected_messages = check_messages(rejected, where, "rejected")
-        if chosen_messages[:-1] != rejected_messages[:-1]:
-            raise DataError(f"{where}: 'chosen' and 'rejected' must share every turn but the last")
-        prompt = chosen_messages[:-1]
-        chosen, rejected = [chosen_messages[-1]], [rejected_messages[-1]]
-        if not prompt:
-            raise DataError(f"{where}: the pair has no prompt turns")
+        example: dict[str, Any] = {"chosen": _as_assistant(chosen, where, "chosen"), "rejected": _as_assistant(rejected, where, "rejected")}
+        repeats_prompt = isinstance(prompt, str) and any(message["role"] == "user" for message in example["chosen"])
+        if prompt is None or repeats_prompt:
+            # The conversations hold the prompt (H4's `prompt` string only repeats their user turn): TRL takes the
+            # turns both sides share as the prompt, and ignores such a string.
+            example = maybe_extract_prompt(example | ({"prompt": prompt} if repeats_prompt else {}))
+            prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+        else:
+            explicit = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, "prompt")
+            shared = extract_prompt(example)  # turns both replies still share (multi-turn pairs) join the prompt
+            prompt, chosen, rejected = explicit + shared["prompt"], shared["chosen"], shared["rejected"]
+    if not prompt:
+        raise DataError(
+            f"{where}: the pair has no prompt turns: 'chosen' and 'rejected' share no leading turn (they must share every turn "
+            "but the last, or give a 'prompt' column)"
+        )
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
-        if messages[-1]["role"] != "assistant":
+        if not messages or messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: {side!r} must end with an assistant turn")
         if not messages[-1]["content"].strip():
             raise DataError(f"{where}: {side!r} response is empty")
-    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip() and chosen[:-1] == rejected[:-1]:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical, so the pair teaches nothing")
     pair: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if "margin" in row and row["margin"] is not None:
-        pair["margin"] = float(row["margin"])
-    elif row.get("score_chosen") is not None and row.get("score_rejected") is not None:
-        pair["margin"] = float(row["score_chosen"]) - float(row["score_rejected"])
+    margin = _margin(row, where)
+    if margin is not None:
+        pair["margin"] = margin
     return pair
+
+
+def _margin(row: dict[str, Any], where: str) -> float | None:
+    if row.get("margin") is not None:
+        return float(row["margin"])
+    for better, worse in (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_rating")):
+        if row.get(better) is not None and row.get(worse) is not None:
+            try:
+                return float(row[better]) - float(row[worse])
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: {better!r}/{worse!r} must be numbers, got {row[better]!r}/{row[worse]!r}") from None
+    return None
+
+
+def _require_value(row: dict[str, Any], key: str, where: str) -> Any:
+    if key not in row:
+        raise DataError(f"{where}: missing {key!r} side of the pair (columns: {sorted(row)}; map yours with `columns: {{{key}: NAME}}`)")
+    if row[key] is None:
+        raise DataError(f"{where}: missing {key!r} side of the pair: the column exists, but this row's value is missing or null")
+    return row[key]
+
 
 def _as_assistant(value: Any, where: str, key: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     return check_messages(value, where, key)
+
 
 def _split_hh(text: str, where: str, key: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Anthropic HH-RLHF raw text → (prompt messages, [final assistant message])."""

@@ -26,6 +26,8 @@ def pairwise_metrics(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) ->
         "eval/num_pairs": float(len(pairs)),
     }
     on_policy = torch.tensor([bool(pair.get("on_policy")) for pair in pairs])
+    if not any("on_policy" in pair for pair in pairs):  # the user's pairs: no negatives of ours to tell apart
+        return metrics
     if on_policy.any():
         metrics["eval/pairwise_accuracy_onpolicy"] = pairwise_accuracy(chosen[on_policy], rejected[on_policy])
     if (~on_policy).any():

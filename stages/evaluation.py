@@ -166,18 +166,28 @@ def policy_metrics(
     tokenizer: Any,
     config: EvalConfig,
     reward_fn: RewardFunction | None = None,
+    prompts: list[list[dict[str, str]]] | None = None,
+    prefix: str = "eval/",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The evaluation every policy algorithm reports: exact match, reward under `reward_fn` (the
-    stage-2 reward model), KL to the reference, response length. Each sample also holds the
-    reference's (the SFT model's) answer to the same prompt and its reward, for the run report.
+    """The evaluation every policy algorithm reports: reward under `reward_fn` (the stage-2 reward model) of
+    the policy's and the reference's greedy answers, the policy's win rate over the reference as that reward
+    model judges (ties count half), KL to the reference, response length; on the embedded tasks (`prompts`
+    None: their held-out draw) also exact match. Each sample holds the reference's (the SFT model's) answer
+    and its reward too, for the run report.
 
-    The reference is scored on the very same prompts (`eval/ref_*`), so "did the algorithm improve on
-    its starting point" is one subtraction, free of prompt-draw and template-file differences.
-    Collective under the launcher (and so must `reward_fn` be, if it shares work between ranks)."""
-    metrics, samples, responses = _exact_match(policy, tokenizer, config)
-    reference_metrics, _, reference_responses = _exact_match(reference, tokenizer, config)
-    metrics |= {key.replace("eval/", "eval/ref_", 1): value for key, value in reference_metrics.items() if key.startswith("eval/exact_match")}
-    prompts = [row["prompt"] for row in heldout_rows(config)]  # the prompts `responses` answer
+    The reference is scored on the very same prompts (`ref_*`), so "did the algorithm improve on its starting
+    point" is one subtraction, free of prompt-draw and template-file differences. `prompts`: the user's
+    held-out prompts. Collective under the launcher (and so must `reward_fn` be, if it shares work between ranks)."""
+    if prompts is None:
+        metrics, samples, responses = _exact_match(policy, tokenizer, config)
+        reference_metrics, _, reference_responses = _exact_match(reference, tokenizer, config)
+        metrics |= {key.replace("eval/", "eval/ref_", 1): value for key, value in reference_metrics.items() if key.startswith("eval/exact_match")}
+        prompts = [row["prompt"] for row in heldout_rows(config)]  # the prompts `responses` answer
+    else:
+        responses = generate(policy, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+        reference_responses = generate(reference, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+        metrics = {"eval/num_prompts": float(len(prompts))}
+        samples = [{"prompt": prompt[-1]["content"], "response": response} for prompt, response in list(zip(prompts, responses))[: config.num_samples]]
     for sample, reference_response in zip(samples, reference_responses):
         sample["reference_response"] = reference_response
     if reward_fn is not None:
@@ -185,13 +195,14 @@ def policy_metrics(
         reference_rewards = reward_fn(prompts, reference_responses)
         metrics["eval/reward_mean"] = rewards.mean().item()
         metrics["eval/ref_reward_mean"] = reference_rewards.mean().item()
+        metrics["eval/win_rate"] = ((rewards > reference_rewards).float() + 0.5 * (rewards == reference_rewards).float()).mean().item()
         for sample, reward, reference_reward in zip(samples, rewards.tolist(), reference_rewards.tolist()):
             sample["reward"] = reward
             sample["reference_reward"] = reference_reward
     kl, length = kl_to_reference(policy, reference, tokenizer, prompts, config.max_new_tokens, config.seed)
     metrics["eval/kl_to_ref"] = kl
     metrics["eval/response_length"] = length
-    return metrics, samples
+    return {key.replace("eval/", prefix, 1): value for key, value in metrics.items()}, samples
 
 
 def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) -> dict[str, float]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from reward.models import load_reward
 from reward.scoring import check_same_tokenizer, score_across_ranks
-from stages import algorithms, data, evaluation, generation, trainers
+from stages import algorithms, data, evaluation, generation, heldout, trainers
 from stages.core import distributed, models
 from stages.core.config import ConfigError
 from stages.core.registry import Registry
@@ -105,6 +105,8 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         examples = _preference_pairs(config, policy, tokenizer) if config.algorithm == "dpo" else _prompt_rows(config)
         mixture_metrics = mixture.report(examples, data.token_counts(tokenizer, examples), mixture.requested_shares(config.datasets, config.mixture_size))
         print("policy: training mixture\n" + mixture.describe(mixture_metrics))
+        heldout_pairs, heldout_prompts = _user_heldout(config)
+        embedded = any(spec.source == "embedded" for spec in config.datasets)
 
         # -- trainer, train ------------------------------------------------------------------------
         stage.begin(parent=base, tokenizer=tokenizer)
@@ -126,9 +128,19 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         eval_reward_model = load_reward(reward_entry, config.trust_remote_code).to(device) if reward_entry else None
         reward_fn = (lambda prompts, responses: score_across_ranks(eval_reward_model, tokenizer, prompts, responses)) if eval_reward_model else None
         stage.record(**{"train/loss": outcome.loss, "algorithm": config.algorithm}, **mixture_metrics)
-        if config.eval.enabled:
+        if config.eval.enabled and embedded:  # the embedded tasks' metrics only where the stage trained on them
             eval_metrics, stage.samples = evaluation.policy_metrics(saved, reference, tokenizer, config.eval, reward_fn)
             stage.record(**eval_metrics)
+        if config.eval.enabled and heldout_prompts:  # the user's held-out prompts (and pairs, for DPO)
+            prefix, count = ("eval/data/" if embedded else "eval/"), config.eval.num_prompts
+            data_metrics, data_samples = evaluation.policy_metrics(
+                saved, reference, tokenizer, config.eval, reward_fn, prompts=heldout_prompts[:count], prefix=prefix
+            )
+            if heldout_pairs:
+                beta = config.dpo.get("beta", _dpo_default("beta"))
+                data_metrics |= heldout.dpo_pair_metrics(saved, reference, tokenizer, heldout_pairs[:count], beta, config.eval.batch_size, prefix)
+            stage.record(**data_metrics)
+            stage.samples = stage.samples or data_samples
 
         # -- register (on leaving the block) ----------------------------------------------------
         stage.card = {
@@ -171,19 +183,44 @@ def _prompt_rows(config: PolicyStageConfig) -> list[dict[str, Any]]:
             generated = data.embedded_rows(spec, config.seed + ONLINE_PROMPTS_SEED_OFFSET + index, count or 3000, config.eval.heldout_tasks)
             return [{"prompt": row["prompt"], "answer": row["answer"]} for row in generated]
         raw_rows, where = data.read_rows(spec)
-        rows = []
-        for row_index, raw in enumerate(raw_rows):
-            prompt = raw.get(spec.columns.get("prompt", "prompt"))
-            if prompt is None:
-                raise data.DataError(f"{where} row {row_index}: missing column 'prompt'")
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else data.check_messages(prompt, f"{where} row {row_index}", "prompt")
-            rows.append({"prompt": prompt, "answer": raw.get(spec.columns.get("answer", "answer"))})
-        return rows
+        held_out = data.heldout_indices(spec, raw_rows)
+        return [_prompt_row(spec, raw, f"{where} row {index}") for index, raw in enumerate(raw_rows) if index not in held_out]
 
     rows = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
     if config.verifiable_reward and any(row["answer"] is None for row in rows):
         raise data.DataError("verifiable_reward needs an 'answer' for every prompt")
     return rows
+
+
+def _prompt_row(spec: data.DatasetSpec, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    prompt = raw.get(spec.columns.get("prompt", "prompt"))
+    if prompt is None:
+        raise data.DataError(f"{where}: missing column 'prompt'")
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else data.check_messages(prompt, where, "prompt")
+    return {"prompt": prompt, "answer": raw.get(spec.columns.get("answer", "answer"))}
+
+
+def _user_heldout(config: PolicyStageConfig) -> tuple[list[dict[str, Any]], list[list[dict[str, str]]]]:
+    """The held-out pairs (DPO) and prompts of the user's sources, never trained on."""
+    pairs: list[dict[str, Any]] = []
+    prompts: list[list[dict[str, str]]] = []
+    for spec in config.datasets:
+        if spec.source == "embedded":
+            continue
+        if config.algorithm == "dpo":
+            pairs += data.load_preference_heldout(spec, config.drop_malformed)
+        else:
+            raw_rows, where = data.heldout_raw_rows(spec)
+            prompts += [_prompt_row(spec, raw, f"{where} row {index}")["prompt"] for index, raw in raw_rows]
+    return pairs, [pair["prompt"] for pair in pairs] + prompts
+
+
+def _dpo_default(name: str) -> Any:
+    from dataclasses import fields
+
+    from trl import DPOConfig
+
+    return next(field.default for field in fields(DPOConfig) if field.name == name)
 
 
 def _frozen(model: Any) -> Any:

@@ -129,6 +129,9 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         print("reward: training mixture\n" + mixture.describe(mixture_metrics))
         train_dataset = trainers.shared_dataset(stage, _to_dataset(pairs, config.use_margins))
         dataset_fingerprint = data.fingerprint(pairs)
+        # Held-out pairs of the user's sources (never in `pairs`); embedded pairs are drawn on eval-split prompts.
+        user_heldout = [pair for spec in config.datasets if spec.source != "embedded" for pair in data.load_preference_heldout(spec, config.drop_malformed)]
+        embedded = any(spec.source == "embedded" for spec in config.datasets)
 
         # -- trainer ---------------------------------------------------------------------------
         from trl import RewardConfig, RewardTrainer
@@ -159,9 +162,16 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         reward_model = load_reward(saved).to(distributed.device())
         if policy is not None:
             policy.to(distributed.device())
-        heldout = heldout_pairs(policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks)
         stage.record(**{"train/loss": float(result.training_loss), "train/pairs": len(pairs)}, **mixture_metrics)
-        stage.record(**pairwise_metrics(reward_model, tokenizer, heldout))
+        heldout = []
+        if embedded:  # embedded held-out pairs only where the stage trained on embedded pairs
+            heldout = heldout_pairs(policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks)
+            stage.record(**pairwise_metrics(reward_model, tokenizer, heldout))
+        if user_heldout:
+            prefix = "eval/data/" if embedded else "eval/"
+            user_metrics = pairwise_metrics(reward_model, tokenizer, user_heldout[: config.heldout_pairs])
+            stage.record(**{key.replace("eval/", prefix, 1): value for key, value in user_metrics.items()})
+            heldout = heldout or user_heldout
         stage.samples = [
             {"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][-1]["content"], "rejected": pair["rejected"][-1]["content"]}
             for pair in heldout[: config.eval.num_samples]

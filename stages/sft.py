@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages import data, evaluation, trainers
+from stages import data, evaluation, heldout, trainers
 from stages.core import distributed, models
 from stages.core.config import ConfigError
 from stages.core.registry import Registry
@@ -80,6 +80,9 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
         print("sft: training mixture\n" + mixture.describe(mixture_metrics))
         train_dataset = trainers.shared_dataset(stage, _to_dataset(rows))
         dataset_fingerprint = data.fingerprint(rows)
+        # Held-out rows of the user's sources (never in `rows`); the embedded tasks hold out their own instances.
+        user_heldout = [row for spec in config.datasets if spec.source != "embedded" for row in data.load_sft_heldout(spec)]
+        embedded = any(spec.source == "embedded" for spec in config.datasets)
 
         # -- trainer ---------------------------------------------------------------------------
         from trl import SFTConfig, SFTTrainer
@@ -105,12 +108,19 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
         if config.eval.enabled:
             adapters_only = config.lora.enabled and not config.lora.merge_on_save  # no full model on disk to reload
             saved = None if adapters_only else Registry().get(str(stage.output_dir))
-            eval_metrics, stage.samples = evaluation.exact_match(
-                trainer.model if saved is None else models.load_causal_lm(saved).to(distributed.device()),
-                tokenizer if saved is None else models.load_tokenizer(saved),
-                config.eval,
-            )
-            stage.record(**eval_metrics)
+            trained = trainer.model if saved is None else models.load_causal_lm(saved).to(distributed.device())
+            trained_tokenizer = tokenizer if saved is None else models.load_tokenizer(saved)
+            if embedded:  # the embedded tasks' metrics only where the stage trained on them
+                eval_metrics, stage.samples = evaluation.exact_match(trained, trained_tokenizer, config.eval)
+                stage.record(**eval_metrics)
+            if user_heldout:
+                start = models.load_causal_lm(base, config.trust_remote_code).to(distributed.device())
+                data_metrics, data_samples = heldout.sft_metrics(
+                    trained, start, trained_tokenizer, user_heldout[: config.eval.num_prompts], config.eval.max_new_tokens,
+                    config.eval.batch_size, prefix="eval/data/" if embedded else "eval/",
+                )
+                stage.record(**data_metrics)
+                stage.samples = stage.samples or data_samples
 
         # -- register (on leaving the block: checkpoints removed, metrics merged, entry ready) ------
         stage.card = {

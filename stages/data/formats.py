@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -84,6 +84,17 @@ class DatasetSpec:
         default=None,
         metadata={"help": "Use only the first N training phrasings per task (1 = one phrasing: the no-augmentation ablation)."},
     )
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Held-out rows for the stage's evaluation: a split of the Hub dataset (e.g. test_prefs) or a second file. "
+                  "Default: eval_fraction of this source's rows."},
+    )
+    eval_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Without eval_split: this share of the rows (chosen by a hash of each row, whatever the seed) is held out "
+                  "of training for evaluation. 0: none."},
+    )
+    eval_max_rows: int = field(default=1000, metadata={"help": "At most this many rows are held out by eval_fraction (the lowest hashes)."})
 
     def __post_init__(self) -> None:
         if self.num_examples is not None and self.num_examples <= 0:
@@ -100,6 +111,10 @@ class DatasetSpec:
             raise ValueError(f"{self.source}: fanout/templates_per_task rephrase rows through a template file; set templates")
         if self.name is not None and ("/" in self.name or not self.name.strip()):
             raise ValueError(f"name {self.name!r} must be non-empty and without '/' (it becomes a metric key)")
+        if not 0 <= self.eval_fraction < 1 or self.eval_max_rows < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1) and eval_max_rows at least 1, got {self.eval_fraction} and {self.eval_max_rows}")
+        if self.source == "embedded" and self.eval_split is not None:
+            raise ValueError("eval_split is for files and Hub datasets; the embedded tasks hold out their own instances")
         self.phrasings()  # a malformed template file stops here, at parse time
 
     @property
@@ -124,12 +139,58 @@ def load_sft_rows(spec: DatasetSpec, seed: int, count: int | None = None, heldou
     phrasings = spec.phrasings()
     rng = random.Random(f"rephrase-{seed}")
     rows = []
+    heldout = heldout_indices(spec, raw_rows)
     for index, raw in enumerate(raw_rows):
+        if index in heldout:
+            continue
         raw = rename_columns(raw, spec.columns)
         row_format = detect_format(raw, f"{where} row {index}") if spec.format == "auto" else spec.format
         converted = convert_sft_row(raw, row_format, f"{where} row {index}")
         rows += _rephrase(raw, row_format, converted, phrasings, spec, rng, f"{where} row {index}") if phrasings else [converted]
     return rows
+
+
+def load_sft_heldout(spec: DatasetSpec) -> list[dict[str, Any]]:
+    """The source's held-out rows (its eval_split, or the eval_fraction `load_sft_rows` left out), converted
+    as written: evaluation reads the user's own wording, not a rephrasing."""
+    raw_rows, where = heldout_raw_rows(spec)
+    rows = []
+    for index, raw in raw_rows:
+        raw = rename_columns(raw, spec.columns)
+        row_format = detect_format(raw, f"{where} row {index}") if spec.format == "auto" else spec.format
+        rows.append(convert_sft_row(raw, row_format, f"{where} row {index}"))
+    return rows
+
+
+def heldout_indices(spec: DatasetSpec, raw_rows: list[dict[str, Any]]) -> set[int]:
+    """The rows of the training split held out by eval_fraction: those whose hash falls below it (at most
+    eval_max_rows, the lowest hashes), so the choice depends on the row alone, never on the seed; identical
+    rows land on the same side. None when the source has an eval_split, is smaller than 1 / eval_fraction rows,
+    or would have no row left to train on."""
+    if spec.source == "embedded" or spec.eval_split is not None or spec.eval_fraction == 0:
+        return set()
+    if len(raw_rows) * spec.eval_fraction < 1:  # fewer rows than one expected held-out row: trained whole
+        return set()
+    buckets = sorted((bucket, index) for index, row in enumerate(raw_rows) if (bucket := row_bucket(row)) < spec.eval_fraction)
+    chosen = {index for _, index in buckets[: spec.eval_max_rows]}
+    return chosen if len(chosen) < len(raw_rows) else set()
+
+
+def heldout_raw_rows(spec: DatasetSpec) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """(row index, raw row) pairs of the source's held-out rows, and a name for error messages."""
+    if spec.eval_split is None:
+        raw_rows, where = read_rows(spec)
+        chosen = heldout_indices(spec, raw_rows)
+        return [(index, row) for index, row in enumerate(raw_rows) if index in chosen], where
+    as_file = Path(spec.eval_split).suffix in SUPPORTED_FILE_SUFFIXES or Path(spec.eval_split).exists()
+    raw_rows, where = read_rows(replace(spec, source=spec.eval_split) if as_file else replace(spec, split=spec.eval_split))
+    return list(enumerate(raw_rows)), where
+
+
+def row_bucket(row: dict[str, Any]) -> float:
+    """A number in [0, 1) from the row's content alone."""
+    digest = hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+    return int(digest[:12], 16) / 16**12
 
 
 def embedded_rows(spec: DatasetSpec, seed: int, count: int, heldout_tasks: list[str] | None = None) -> list[dict[str, Any]]:

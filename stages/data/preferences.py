@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.data.formats import DataError, DatasetSpec, check_messages, read_rows, rename_columns
+from stages.data.formats import DataError, DatasetSpec, check_messages, heldout_indices, heldout_raw_rows, read_rows, rename_columns
 
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -22,15 +22,28 @@ def load_preference_rows(spec: DatasetSpec, drop_malformed: bool = False) -> tup
     Returns the rows and how many malformed pairs were dropped (only when `drop_malformed`).
     """
     raw_rows, where = read_rows(spec)
+    heldout = heldout_indices(spec, raw_rows)
+    return _convert_pairs([(index, row) for index, row in enumerate(raw_rows) if index not in heldout], where, spec, drop_malformed)
+
+
+def load_preference_heldout(spec: DatasetSpec, drop_malformed: bool = False) -> list[dict[str, Any]]:
+    """The source's held-out pairs: its eval_split, or the eval_fraction `load_preference_rows` left out."""
+    raw_rows, where = heldout_raw_rows(spec)
+    return _convert_pairs(raw_rows, where, spec, drop_malformed, allow_empty=True)[0]
+
+
+def _convert_pairs(
+    raw_rows: list[tuple[int, dict[str, Any]]], where: str, spec: DatasetSpec, drop_malformed: bool, allow_empty: bool = False
+) -> tuple[list[dict[str, Any]], int]:
     rows, dropped = [], 0
-    for index, row in enumerate(raw_rows):
+    for index, row in raw_rows:
         try:
             rows.append(convert_preference_row(rename_columns(row, spec.columns), f"{where} row {index}"))
         except DataError as error:
             if not drop_malformed:
                 raise DataError(f"{error} (set drop_malformed=true to skip such pairs with a count)") from None
             dropped += 1
-    if not rows:
+    if not rows and not (allow_empty and not dropped):
         raise DataError(f"{where}: no usable preference pairs ({dropped} malformed)")
     return rows, dropped
 

@@ -119,7 +119,8 @@ def test_alpaca_rows_are_rephrased_never_with_heldout_phrasings(tmp_path: Path) 
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     shipped = REPO_ROOT / "configs/templates/alpaca.yaml"
     loaded = templates.load(shipped, templates.DATASET_TASKS)
-    rephrased = data.load_sft_rows(DatasetSpec(source=str(path), templates=str(shipped), fanout=3), seed=0)
+    # eval_fraction=0: every row is trained (none held out), so rephrased row i comes from source row i // 3.
+    rephrased = data.load_sft_rows(DatasetSpec(source=str(path), templates=str(shipped), fanout=3, eval_fraction=0), seed=0)
     assert len(rephrased) == 3 * len(rows)
     for index, row in enumerate(rephrased):
         source = rows[index // 3]

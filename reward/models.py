@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,18 @@ def load_reward(entry: Entry, trust_remote_code: bool = False, dtype: torch.dtyp
     if not entry.builtin and likelihood.is_likelihood_head(entry.path):
         return likelihood.read_as_reward_model(models.load_causal_lm(entry, trust_remote_code, dtype))
     return models.load_sequence_classifier(entry, trust_remote_code, dtype)
+
+
+def is_reward_model(entry: Entry) -> bool:
+    """A registered reward model, or a checkpoint with either reward head (a path given as the model)."""
+    if entry.kind == "reward":
+        return True
+    if entry.builtin or not (Path(entry.path) / "config.json").is_file():
+        return False
+    if likelihood.is_likelihood_head(entry.path):
+        return True
+    architectures = json.loads((Path(entry.path) / "config.json").read_text()).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
 def load_critic(ref: str, trust_remote_code: bool = False) -> Any:

@@ -2,7 +2,7 @@
 
     rlhf sft --config configs/sft/tiny.yaml [key=value ...]
     rlhf registry list [--json] | show REF [--json] | gc [--delete-files]
-    rlhf eval REF [--json]
+    rlhf eval REF [--json] [--data FILE [--split S]]
     rlhf report RUN [RUN_B] [--out DIR]
 
 Stage modules are imported only when their command runs, and the registry commands import neither torch nor
@@ -60,11 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--delete-files", action="store_true", help="also delete their output directories")
     gc.set_defaults(command="registry", handler=_registry_gc)
 
-    evaluate = commands.add_parser("eval", help="evaluate a registered model or a path on the held-out embedded tasks")
+    evaluate = commands.add_parser("eval", help="evaluate a registered model or a path on the held-out embedded tasks, or on --data FILE")
     evaluate.add_argument("ref")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--num-prompts", type=int, default=200)
     evaluate.add_argument("--seed", type=int, default=1234, help="held-out draw; any seed stays disjoint from training")
+    evaluate.add_argument("--data", help="score on this file or Hub dataset instead (any supported format: SFT rows or pairs)")
+    evaluate.add_argument("--split", default="train", help="with --data: the split to read")
     evaluate.set_defaults(command="eval", handler=_eval)
 
     report = commands.add_parser("report", help="offline HTML report of a recipe run, or two runs compared")
@@ -138,7 +140,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     entry = Registry().get(args.ref)
     config = evaluation.for_entry(entry, num_prompts=args.num_prompts, seed=args.seed)  # its held-out families, its phrasings
-    if entry.kind == "reward":
+    if args.data:
+        metrics = evaluation.evaluate_file(entry, args.data, args.split, num_rows=args.num_prompts)
+    elif entry.kind == "reward":
         metrics = evaluation.evaluate_reward_model(entry, num_pairs=max(args.num_prompts, 500), seed=args.seed)
     else:
         metrics, _ = evaluation.exact_match(models.load_causal_lm(entry), models.load_tokenizer(entry), config)

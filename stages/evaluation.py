@@ -223,3 +223,32 @@ def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) ->
         except (RegistryError, models.ModelLoadError):
             policy = None
     return pairwise_metrics(reward_model, tokenizer, heldout_pairs(policy, tokenizer, num_pairs, seed))
+
+
+def evaluate_file(entry: Any, source: str, split: str = "train", num_rows: int = 200, max_new_tokens: int = 16) -> dict[str, float]:
+    """`rlhf eval REF --data FILE`: a registered model scored on the rows of a file (or Hub split) in any supported
+    format. SFT rows: loss, token accuracy, exact match. Pairs: pairwise accuracy for a reward model; for a policy
+    DPO's implicit reward against its parent (the SFT model it started from)."""
+    from stages import data, heldout
+    from stages.core import models
+    from stages.core.registry import Registry
+
+    spec = data.DatasetSpec(source=source, split=split, eval_fraction=0)  # every row of the file is scored
+    first, _ = data.read_rows(spec)
+    tokenizer = models.load_tokenizer(entry)
+    if not ({"chosen", "rejected"} <= set(first[0])):
+        rows = data.load_sft_rows(spec, seed=0)[:num_rows]
+        return heldout.sft_metrics(models.load_causal_lm(entry), None, tokenizer, rows, max_new_tokens, 32)[0]
+    pairs = data.load_preference_rows(spec)[0][:num_rows]
+    from reward.models import is_reward_model
+
+    if is_reward_model(entry):
+        from reward.evaluation import pairwise_metrics
+        from reward.models import load_reward
+
+        return pairwise_metrics(load_reward(entry), tokenizer, pairs)
+    if not entry.parent:
+        raise data.DataError(f"{entry.ref} has no parent model to serve as the reference of its implicit reward; score pairs with a reward model")
+    beta = float(((entry.config or {}).get("dpo") or {}).get("beta", 0.1))  # TRL's DPOConfig default
+    reference = models.load_causal_lm(Registry().get(entry.parent))
+    return heldout.dpo_pair_metrics(models.load_causal_lm(entry), reference, tokenizer, pairs, beta, 32)

@@ -62,13 +62,15 @@ def completion_scores(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ba
 
 
 def sft_metrics(
-    model: Any, reference: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int, prefix: str = "eval/"
+    model: Any, reference: Any | None, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int, prefix: str = "eval/"
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Loss, token accuracy and exact match of `model` and of `reference` (the starting model) on held-out rows."""
+    """Loss, token accuracy and exact match of `model` and, unless None, of `reference` (the starting model) on held-out rows."""
     metrics: dict[str, float] = {f"{prefix}num_rows": float(len(rows))}
     chat_rows = [row for row in rows if "prompt" in row]
     answers: dict[str, list[str]] = {}
     for who, scored in (("", model), ("ref_", reference)):
+        if scored is None:
+            continue
         scores = completion_scores(scored, tokenizer, rows, batch_size)
         tokens = sum(count for _, count, _ in scores)
         metrics[f"{prefix}{who}loss"] = -sum(logprob for logprob, _, _ in scores) / max(tokens, 1)

@@ -92,3 +92,34 @@ def test_dpo_on_a_users_ultrafeedback_file_reports_implicit_reward_on_heldout_pa
     assert metrics["eval/rewards/accuracies"] >= 0.6 and metrics["eval/rewards/margins"] > 0, metrics
     assert math.isfinite(metrics["eval/kl_to_ref"]) and "eval/response_length" in metrics
     assert not set(EMBEDDED_ONLY) & set(metrics) and "eval/exact_match" not in metrics
+
+
+@pytest.mark.slow
+def test_rlhf_eval_scores_a_model_on_a_users_file(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SFT rows: loss, token accuracy, exact match; pairs: pairwise accuracy for a reward model, DPO's implicit
+    reward against the parent for a policy (an SFT model scored against its parent, tiny-llama, here)."""
+    import json
+
+    from reward import likelihood
+    from stages import cli
+    from stages.core import models
+    from stages.core.registry import Registry
+
+    def evaluate(*argv: str) -> dict[str, float]:
+        capsys.readouterr()
+        assert cli.main(["eval", *argv, "--json", "--num-prompts", "30"]) == 0
+        return json.loads(capsys.readouterr().out)["metrics"]
+
+    rows = evaluate(registered_sft, "--data", str(USER / "qa_alpaca.jsonl"))
+    assert {"eval/loss", "eval/token_accuracy", "eval/exact_match"} <= set(rows) and rows["eval/num_rows"] == 30
+    assert 0 < rows["eval/loss"] < 10 and 0 <= rows["eval/exact_match"] <= 1
+
+    rm_dir, entry = tmp_path / "rm", Registry().get(registered_sft)
+    tokenizer = models.load_tokenizer(entry)
+    likelihood.as_reward_model(models.load_causal_lm(entry), tokenizer).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    pairs = evaluate(str(rm_dir), "--data", str(USER / "qa_hh.jsonl"))
+    assert pairs["eval/num_pairs"] == 30 and pairs["eval/pairwise_accuracy"] > 0.5  # the SFT model's likelihood ranks them
+
+    implicit = evaluate(registered_sft, "--data", str(USER / "qa_ultrafeedback.jsonl"))
+    assert implicit["eval/num_pairs"] == 30 and math.isfinite(implicit["eval/rewards/margins"])

@@ -286,7 +286,7 @@ def convert_sft_row(row: dict[str, Any], row_format: str, where: str) -> dict[st
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return _split_conversation([{"role": "user", "content": user}, {"role": "assistant", "content": _string(row, "output", where)}], where)
     if row_format == "prompt_completion":
-        prompt, completion = _require(row, "prompt", where), _require(row, "completion", where)
+        prompt, completion = require_value(row, "prompt", where), require_value(row, "completion", where)
         prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, "prompt")
         completion_messages = (
             [{"role": "assistant", "content": completion}] if isinstance(completion, str) else check_messages(completion, where, "completion")
@@ -295,7 +295,7 @@ def convert_sft_row(row: dict[str, Any], row_format: str, where: str) -> dict[st
             raise DataError(f"{where}: 'completion' must end with a non-empty assistant message")
         return {"prompt": prompt_messages, "completion": completion_messages}
     if row_format == "conversations":
-        turns = _require(row, "conversations", where)
+        turns = require_value(row, "conversations", where)
         if not isinstance(turns, list):
             raise DataError(f"{where}: 'conversations' must be a list of turns")
         messages = []
@@ -308,7 +308,7 @@ def convert_sft_row(row: dict[str, Any], row_format: str, where: str) -> dict[st
             messages.append({"role": role, "content": turn["value"]})
         return _split_conversation(check_messages(messages, where, "conversations"), where)
     if row_format == "messages":
-        return _split_conversation(check_messages(_require(row, "messages", where), where, "messages"), where)
+        return _split_conversation(check_messages(require_value(row, "messages", where), where, "messages"), where)
     raise DataError(f"{where}: unknown format {row_format!r}")
 
 
@@ -373,17 +373,19 @@ def rename_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, An
     return renamed
 
 
-def _require(row: dict[str, Any], key: str, where: str) -> Any:
+def require_value(row: dict[str, Any], key: str, where: str, what: str | None = None) -> Any:
+    """row[key], or an error that tells a missing column from a missing value."""
+    what = what or f"column {key!r}"
     if key not in row:
-        raise DataError(f"{where}: missing column {key!r} (has {sorted(row)}; map yours with `columns: {{{key}: NAME}}`)")
+        raise DataError(f"{where}: missing {what} (has {sorted(row)}; map yours with `columns: {{{key}: NAME}}`)")
     if row[key] is None:
         # A file's reader gives every row every column, so a row without the key reads as null too.
-        raise DataError(f"{where}: missing column {key!r} value: the column exists, but this row's value is missing or null")
+        raise DataError(f"{where}: missing {what} value: the column exists, but this row's value is missing or null")
     return row[key]
 
 
 def _string(row: dict[str, Any], key: str, where: str) -> str:
-    value = _require(row, key, where)
+    value = require_value(row, key, where)
     if not isinstance(value, str):
         raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
     return value

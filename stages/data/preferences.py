@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.data.formats import DataError, DatasetSpec, check_messages, heldout_indices, heldout_raw_rows, read_rows, rename_columns
+from stages.data.formats import (
+    DataError,
+    DatasetSpec,
+    check_messages,
+    heldout_indices,
+    heldout_raw_rows,
+    read_rows,
+    rename_columns,
+    require_value,
+)
 
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -64,7 +73,7 @@ def convert_preference_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     for side in ("chosen", "rejected"):
-        _require_value(row, side, where)
+        require_value(row, side, where, what=f"{side!r} side of the pair")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is None:
@@ -116,14 +125,6 @@ def _margin(row: dict[str, Any], where: str) -> float | None:
             except (TypeError, ValueError):
                 raise DataError(f"{where}: {better!r}/{worse!r} must be numbers, got {row[better]!r}/{row[worse]!r}") from None
     return None
-
-
-def _require_value(row: dict[str, Any], key: str, where: str) -> Any:
-    if key not in row:
-        raise DataError(f"{where}: missing {key!r} side of the pair (columns: {sorted(row)}; map yours with `columns: {{{key}: NAME}}`)")
-    if row[key] is None:
-        raise DataError(f"{where}: missing {key!r} side of the pair: the column exists, but this row's value is missing or null")
-    return row[key]
 
 
 def _as_assistant(value: Any, where: str, key: str) -> list[dict[str, str]]:

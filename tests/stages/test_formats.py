@@ -114,7 +114,7 @@ def test_a_null_value_is_named_as_such(tmp_path: Path) -> None:
         data.load_sft_rows(DatasetSpec(source=str(path)), seed=0)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "Q?", "chosen": "A.", "rejected": null}\n')
-    with pytest.raises(DataError, match=r"pairs.jsonl row 0: missing 'rejected' side of the pair: the column exists, but this row's value is missing or null"):
+    with pytest.raises(DataError, match=r"pairs.jsonl row 0: missing 'rejected' side of the pair value: the column exists, but this row's value is missing or null"):
         data.load_preference_rows(DatasetSpec(source=str(pairs)))
 
 

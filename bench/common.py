@@ -114,6 +114,22 @@ def sft_rows(kind: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+def alpaca_file_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The "variable" rows written as a user's Alpaca-format file and read back through the stages' own loader
+    (stages.data: file reading, format detection, conversion), as the SFT stage reads a user's data."""
+    import json
+    import tempfile
+
+    from stages import data
+
+    rows = [{"instruction": "copy", "input": row["completion"][0]["content"], "output": row["completion"][0]["content"]}
+            for row in sft_rows("variable", count, seed)]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "user.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return data.load_sft_rows(data.DatasetSpec(source=str(path), eval_fraction=0), seed=seed)
+
+
 def preference_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
     """Conversational prompt/chosen/rejected rows: the copy is chosen, a corrupted copy rejected."""
     rng = random.Random(f"pairs-{seed}")

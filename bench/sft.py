@@ -7,7 +7,8 @@ Arms (each one epoch over the same rows, same model init, same order seed):
   With its top-level `length_grouping` (stages/data/batching.py), as the stage applies it.
 - ours+length_grouping, ours+packing, ours+padding_free: the same with length-grouped batches
   (`length_grouping: 4`), TRL's BFD packing (which implies padding-free) or padding-free batches alone.
-Both datasets come from bench/common.py: "variable" (16 to 122 tokens, mean 49, skewed short) and "uniform" (60 each).
+The datasets come from bench/common.py: "variable" (16 to 122 tokens, mean 49, skewed short), "uniform" (60 each), and
+"alpaca-file" (the variable rows as a user's Alpaca-format file, read through the stages' loader).
 Timed: `trainer.train()` only; the dataset preparation in the constructor is reported as setup_seconds.
 """
 
@@ -51,7 +52,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     settings = ARM_SETTINGS[params["arm"]]()
     trainer_class = common.trainer_class(SFTTrainer, settings)  # takes length_grouping out of settings
     model = common.causal_lm(params["model"], seed=0)
-    rows = common.sft_rows(params["data"], params["examples"], seed=0)
+    rows = common.alpaca_file_rows(params["examples"]) if params["data"] == "alpaca-file" else common.sft_rows(params["data"], params["examples"], seed=0)
     with tempfile.TemporaryDirectory() as output_dir, common.Timer() as setup:
         args = SFTConfig(output_dir=output_dir, report_to=[], save_strategy="no", num_train_epochs=1, seed=0,
                          disable_tqdm=True, **settings)
@@ -81,8 +82,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 def comparisons(quick: bool) -> list[Comparison]:
     result = []
     # Uniform data has no padding to remove: it shows what our settings gain without it.
+    # A user's Alpaca-format file (the variable rows, read through stages.data): what padding-free batches buy there.
     for data, examples, names in (("variable", 64 if quick else 128, list(ARM_SETTINGS)),
-                                  ("uniform", 64 if quick else 96, ["trl_defaults", "ours"])):
+                                  ("uniform", 64 if quick else 96, ["trl_defaults", "ours"]),
+                                  ("alpaca-file", 64 if quick else 128, ["trl_defaults", "ours", "ours+padding_free"])):
         arms = [Arm(name, "sft", {"arm": name, "model": "5m", "data": data, "examples": examples}) for name in names]
         result.append(Comparison(
             title=f"SFT, {data}-length data, 5m model, {examples} examples x 1 epoch",

@@ -87,9 +87,12 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
         # -- trainer ---------------------------------------------------------------------------
         from trl import SFTConfig, SFTTrainer
 
+        # padding_free without packing: TRL refuses a max_length it would not enforce, but every row longer than
+        # train.max_length is already gone (_drop_too_long), so TRL gets None and the unpadded batches are exact.
+        train_section = config.train | ({"max_length": None} if config.train.get("padding_free") and not config.train.get("packing") else {})
         trainer = batching.length_grouped(SFTTrainer, config.length_grouping)(
             model=model,
-            args=trainers.trl_args(SFTConfig, stage, config, config.train),
+            args=trainers.trl_args(SFTConfig, stage, config, train_section),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,

@@ -123,3 +123,37 @@ def test_rlhf_eval_scores_a_model_on_a_users_file(tmp_path: Path, registered_sft
 
     implicit = evaluate(registered_sft, "--data", str(USER / "qa_ultrafeedback.jsonl"))
     assert implicit["eval/num_pairs"] == 30 and math.isfinite(implicit["eval/rewards/margins"])
+
+
+@pytest.mark.slow
+def test_padding_free_sft_on_a_users_file_trains_with_the_same_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """padding_free: true (TRL's flag) on user data: the stage enforces max_length itself, TRL flattens each
+    batch without padding, and the per-step losses equal those of the padded batches."""
+    import json
+
+    from trl.trainer import sft_trainer
+
+    collated: list[tuple[bool, tuple[int, ...]]] = []  # (padding_free, input_ids shape) of every batch
+    real_call = sft_trainer.DataCollatorForLanguageModeling.torch_call
+
+    def recording_call(self, examples):  # noqa: ANN001, ANN202
+        batch = real_call(self, examples)
+        collated.append((self.padding_free, tuple(batch["input_ids"].shape)))
+        return batch
+
+    monkeypatch.setattr(sft_trainer.DataCollatorForLanguageModeling, "torch_call", recording_call)
+    losses = {}
+    for padding_free in (False, True):
+        out = tmp_path / f"pf-{padding_free}"
+        sft.run(load_config(sft.SFTStageConfig, [
+            "--config", str(REPO_ROOT / "configs/sft/tiny.yaml"), f"datasets=[{{source: {USER / 'qa_alpaca.jsonl'}}}]",
+            f"train.padding_free={str(padding_free).lower()}", "train.max_steps=3", "train.logging_steps=1", "train.per_device_train_batch_size=8",
+            "eval.enabled=false", "tracking.report_to=none", f"run_name=pf{padding_free}", f"output_dir={out}",
+        ]))
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[padding_free] = [row["loss"] for row in history if "loss" in row]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3), losses
+    unpadded = [shape for flag, shape in collated if flag]
+    assert unpadded and all(shape[0] == 1 for shape in unpadded)  # one flattened row per batch: no padding
+    assert any(shape[0] == 8 for flag, shape in collated if not flag)

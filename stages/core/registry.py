@@ -72,6 +72,7 @@ class Entry:
     wandb_run: str | None = None
     run: str | None = None
     trust_remote_code: bool = False
+    source_sha256: str | None = None  # of the GGUF file the model (or the base it was trained from) came from
     created: float = 0.0
     builtin: bool = False
 
@@ -174,6 +175,8 @@ class Registry:
         if candidates:
             raise RegistryError(f"{ref}: no version of {name!r} is ready (incomplete: {', '.join(e.ref for e in candidates)})")
         path = Path(ref).expanduser()
+        if path.is_file() and path.suffix == ".gguf":  # converted to safetensors on first load (stages/core/gguf.py)
+            return Entry(name=str(path), version=0, kind="base", path=str(path.resolve()))
         if path.exists():
             if not (path / "config.json").is_file():
                 raise RegistryError(f"{path} is not a model directory (no config.json); point `model` at a directory written by save_pretrained or a stage")

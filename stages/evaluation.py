@@ -7,11 +7,12 @@ scores, each with a per-family breakdown (`KEY/FAMILY`):
 - `eval/exact_match_unseen_tasks`: the families of `heldout_tasks`, which every stage leaves out of its
   embedded training data (only when some are held out).
 Generation (stages/generation.py) is batched with left padding and the KV cache; decoding is greedy
-so numbers are comparable between stages. Also here: the policy stage's metrics (reward, KL to the
-reference) and `rlhf eval` of a reward model on held-out embedded pairs.
+so numbers are comparable between stages. Also here: the policy stage's metrics (reward, win rate, KL to
+the reference) on embedded or the user's held-out prompts, `rlhf eval` of a reward model on held-out embedded
+pairs, and `rlhf eval --data FILE` (evaluate_file; the user-data metrics themselves are in stages/heldout.py).
 
 Collective under the deepspeed launcher, as generation is: every rank calls these functions.
-May import: `stages.core`, `stages.tasks`, `stages.generation`, the torch-only math and `reward/`.
+May import: `stages.core`, `stages.tasks`, `stages.generation`, `stages.heldout`, the torch-only math and `reward/`.
 """
 
 from __future__ import annotations

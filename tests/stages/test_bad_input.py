@@ -148,7 +148,7 @@ CASES = [
     case("config-not-yaml", lambda c: c.sft(config=c.file("broken.yaml", "train: [unclosed\n")), "ConfigError", ["broken.yaml", "not valid YAML"]),
     case("config-not-a-mapping", lambda c: c.sft(config=c.file("list.yaml", "- model\n- seed\n")), "ConfigError", ["list.yaml", "must hold a mapping"]),
     # models
-    case("model-not-in-registry", lambda c: c.sft("model=no-such-model"), "RegistryError", ["'no-such-model'", "not in the registry", "known: previous/sft, tiny-llama"]),
+    case("model-not-in-registry", lambda c: c.sft("model=no-such-model"), "RegistryError", ["'no-such-model'", "not in the registry", "known: previous/sft, smollm2-135m-instruct, tiny-llama"]),
     case("model-path-missing", lambda c: c.sft(f"model={c.tmp / 'gone'}"), "RegistryError", ["model path", "gone", "does not exist"]),
     case("path-not-a-model", lambda c: c.sft(f"model={c.models['not_a_model']}"), "RegistryError", ["not_a_model", "not a model directory (no config.json)"]),
     case("model-incomplete", lambda c: c.sft("model=half-run/sft:1"), "ModelLoadError",

@@ -202,8 +202,7 @@ class Registry:
         # A long timeout: concurrent writers wait for each other instead of failing.
         db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+            _prepare(db)
             yield db
         finally:
             db.close()
@@ -218,6 +217,22 @@ class Registry:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """WAL mode and the table, on every connection. Switching a new database to WAL can fail at once with
+    "database is locked" while another process does the same (SQLite does not wait on its busy timeout for
+    it): retried for a while, as the timeout would."""
+    for attempt in range(200):
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == 199:
+                raise
+            time.sleep(0.05)
 
 
 def builtin_entries() -> list[Entry]:

@@ -45,6 +45,10 @@ def _rank_main(rank: int, worker: Any, port: int, tmp_path: Path) -> None:
         (tmp_path / f"rank{rank}.pkl").write_bytes(pickle.dumps(worker(rank)))
     finally:
         torch.distributed.destroy_process_group()
+    # The result is on disk: leave without the interpreter's teardown, where a C++ thread of the spawned child
+    # (gloo's or torch's pool) still joinable at exit aborts it now and then ("terminate called without an
+    # active exception", SIGABRT) after the work has succeeded.
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -96,6 +96,22 @@ def exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[st
     return metrics, samples
 
 
+def exact_match_from_start(model: Any, start: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """exact_match of a trained model and of the model its training started from, on the same prompts
+    (`eval/ref_*`, as the policy stage reports its reference): what the stage changed is one subtraction.
+    Each sample also holds the starting model's answer (`reference_response`)."""
+    metrics, samples, _ = _exact_match(model, tokenizer, config)
+    start_metrics, start_samples, _ = _exact_match(start, tokenizer, config)
+    for sample, start_sample in zip(samples, start_samples):
+        sample["reference_response"] = start_sample["response"]
+    return metrics | as_reference(start_metrics), samples
+
+
+def as_reference(metrics: dict[str, float]) -> dict[str, float]:
+    """A starting model's exact-match metrics under the `eval/ref_` keys."""
+    return {key.replace("eval/", "eval/ref_", 1): value for key, value in metrics.items() if key.startswith("eval/exact_match")}
+
+
 def _exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]], list[str]]:
     """exact_match, plus the answers to the seen-phrasing prompts (`heldout_rows(config)`, in order)."""
     splits = [("eval/exact_match", "train", None), ("eval/exact_match_unseen_templates", "heldout", None)]
@@ -182,7 +198,7 @@ def policy_metrics(
     if prompts is None:
         metrics, samples, responses = _exact_match(policy, tokenizer, config)
         reference_metrics, _, reference_responses = _exact_match(reference, tokenizer, config)
-        metrics |= {key.replace("eval/", "eval/ref_", 1): value for key, value in reference_metrics.items() if key.startswith("eval/exact_match")}
+        metrics |= as_reference(reference_metrics)
         prompts = [row["prompt"] for row in heldout_rows(config)]  # the prompts `responses` answer
     else:
         responses = generate(policy, tokenizer, prompts, config.max_new_tokens, config.batch_size)

@@ -35,7 +35,10 @@ STAGE_ORDER = ("sft", "reward", "policy")
 CHECK_STAGES = "--check-stages"  # `python -m stages.recipe --check-stages PLAN_JSON`: see _check_stages
 # The stage modules, by name only: launched as processes, and imported only by the --check-stages child.
 STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy"}
-SUMMARY_METRICS = ("eval/exact_match", "eval/pairwise_accuracy", "eval/reward_mean", "eval/kl_to_ref")
+SUMMARY_METRICS = (
+    "eval/exact_match", "eval/exact_match_unseen_templates", "eval/exact_match_unseen_tasks",
+    "eval/pairwise_accuracy", "eval/reward_mean", "eval/win_rate", "eval/kl_to_ref",
+)
 
 
 @dataclass
@@ -179,12 +182,17 @@ def main(argv: list[str]) -> int:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    header = ["stage", "algorithm", "registry", "seconds", *[key.split("/", 1)[1] for key in SUMMARY_METRICS]]
-    rows = [header] + [
-        [r["stage"], r.get("algorithm") or "-", r["registry"], f"{r['seconds']:.0f}" + (" (resumed)" if r.get("resumed") else ""),
-         *[f"{r['metrics'][key]:.3f}" if key in r["metrics"] else "-" for key in SUMMARY_METRICS]]
-        for r in results
-    ]
+    """One row per stage, and first the base model as the SFT stage scored it: base -> SFT -> policy."""
+    keys = [key for key in SUMMARY_METRICS if any(key in r["metrics"] for r in results)]
+    header = ["stage", "algorithm", "registry", "seconds", *[key.split("/", 1)[1] for key in keys]]
+    rows = [header]
+    for r in results:
+        if r.get("start"):
+            rows.append(["base", "-", r["start"]["registry"], "-", *[f"{r['start']['metrics'][key]:.3f}" if key in r["start"]["metrics"] else "-" for key in keys]])
+        rows.append(
+            [r["stage"], r.get("algorithm") or "-", r["registry"], f"{r['seconds']:.0f}" + (" (resumed)" if r.get("resumed") else ""),
+             *[f"{r['metrics'][key]:.3f}" if key in r["metrics"] else "-" for key in keys]]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     print()
     for row in rows:
@@ -235,6 +243,8 @@ def _ready_entry(registry: Registry, name: str) -> Any:
 
 def _result(stage: str, entry: Any, seconds: float) -> dict[str, Any]:
     metrics = {key: entry.metrics[key] for key in SUMMARY_METRICS if key in entry.metrics}
+    # The SFT stage scores the base it started from on the same prompts (eval/ref_*): the table's first row.
+    start = {key: entry.metrics[reference] for key in SUMMARY_METRICS if (reference := key.replace("eval/", "eval/ref_", 1)) in entry.metrics}
     return {
         "stage": stage,
         "algorithm": entry.metrics.get("algorithm") if stage == "policy" else None,
@@ -242,7 +252,9 @@ def _result(stage: str, entry: Any, seconds: float) -> dict[str, Any]:
         "output_dir": entry.path,
         "seconds": round(seconds, 1),
         "metrics": metrics,
-    } | ({"resumed": True} if entry.metrics.get("recipe/resumed") else {})
+    } | ({"resumed": True} if entry.metrics.get("recipe/resumed") else {}) | (
+        {"start": {"registry": entry.parent, "metrics": start}} if stage == "sft" and start else {}
+    )
 
 
 def _write_summary(path: Path, run_name: str, results: list[dict[str, Any]]) -> None:

@@ -76,6 +76,7 @@ class StageRecord:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]  # one dict per logged step, each with "step"
     samples: list[dict[str, Any]]
+    start: dict[str, Any] | None = None  # the SFT stage's score of its base model: {"registry", "metrics"}
 
 
 @dataclass
@@ -134,6 +135,7 @@ def load_run(reference: str) -> RunRecord:
             metrics=result.get("metrics", {}),
             history=_load_history(output_dir),
             samples=_read_json(output_dir / "samples.json", default=[]),
+            start=result.get("start"),
         )
     return RunRecord(name=summary.get("run", directory.name), directory=directory.resolve(), stages=stages)
 
@@ -234,12 +236,16 @@ def _series(history: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, 
 # -- tables --------------------------------------------------------------------------------------
 
 def _metrics_table(runs: list[RunRecord]) -> str:
-    """The numbers of summary.json: one row per stage (and run)."""
+    """The numbers of summary.json: one row per stage (and run), and first the base model as SFT scored it."""
     keys = list(dict.fromkeys(key for run in runs for stage in run.stages.values() for key in stage.metrics))
     header = (["run"] if len(runs) > 1 else []) + ["stage", "algorithm", "registry", "seconds"] + [key.removeprefix("eval/") for key in keys]
     rows = []
     for run in runs:
         for stage in run.stages.values():
+            if stage.start:
+                cells = [_cell("base"), _cell(None), _cell(stage.start.get("registry")), _cell("-")]
+                cells += [_number(stage.start.get("metrics", {}).get(key)) for key in keys]
+                rows.append(([_cell(run.name)] if len(runs) > 1 else []) + cells)
             cells = [_cell(stage.stage), _cell(stage.algorithm), _cell(stage.registry_ref), _cell(f"{stage.seconds:.0f}")]
             cells += [_number(stage.metrics.get(key)) for key in keys]
             rows.append(([_cell(run.name)] if len(runs) > 1 else []) + cells)
@@ -254,6 +260,10 @@ def _samples_table(run: RunRecord) -> str:
     if policy is None or not policy.samples:
         if not sft_answers:
             return heading + "<p class=note>No samples were saved.</p>"
+        if any("reference_response" in s for s in sft.samples):  # the SFT stage also answered with its base model
+            rows = [[_cell(s["prompt"]), _cell(s.get("answer")), _answer(s.get("reference_response"), s.get("answer")),
+                     _answer(s["response"], s.get("answer"))] for s in sft.samples]
+            return heading + _table(["prompt", "expected", "base answer", "SFT answer"], rows, "samples")
         rows = [[_cell(s["prompt"]), _cell(s.get("answer")), _answer(s["response"], s.get("answer"))] for s in sft.samples]
         return heading + _table(["prompt", "expected", "SFT answer"], rows, "samples")
     rows = []

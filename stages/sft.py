@@ -113,11 +113,12 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
             saved = None if adapters_only else Registry().get(str(stage.output_dir))
             trained = trainer.model if saved is None else models.load_causal_lm(saved).to(distributed.device())
             trained_tokenizer = tokenizer if saved is None else models.load_tokenizer(saved)
+            # The starting model is scored too (eval/ref_*): what instruction tuning changed, on the same prompts.
+            start = models.load_causal_lm(base, config.trust_remote_code).to(distributed.device())
             if embedded:  # the embedded tasks' metrics only where the stage trained on them
-                eval_metrics, stage.samples = evaluation.exact_match(trained, trained_tokenizer, config.eval)
+                eval_metrics, stage.samples = evaluation.exact_match_from_start(trained, start, trained_tokenizer, config.eval)
                 stage.record(**eval_metrics)
             if user_heldout:
-                start = models.load_causal_lm(base, config.trust_remote_code).to(distributed.device())
                 data_metrics, data_samples = heldout.sft_metrics(
                     trained, start, trained_tokenizer, user_heldout[: config.eval.num_prompts], config.eval.max_new_tokens,
                     config.eval.batch_size, prefix="eval/data/" if embedded else "eval/",

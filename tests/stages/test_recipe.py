@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,10 @@ def test_recipe_zero2_dpo_then_resume_skips_finished_stages(isolated_home: Path)
     assert summary["stages"][2]["algorithm"] == "dpo"
     assert {"eval/exact_match", "eval/reward_mean", "eval/kl_to_ref"} <= set(summary["stages"][2]["metrics"])
     assert "eval/pairwise_accuracy" in summary["stages"][1]["metrics"]
+    # base -> SFT: the SFT stage scored its base on the same prompts, and the table's first row shows it.
+    start = summary["stages"][0]["start"]
+    assert start["registry"] == "tiny-llama" and start["metrics"]["eval/exact_match"] <= 0.05  # the untrained base answers ~none
+    assert re.search(r"^base\s+-\s+tiny-llama\s", result.stdout, re.M), result.stdout[-2000:]
     for stage in summary["stages"]:
         assert (Path(stage["output_dir"]) / "model.safetensors").exists()
     again = _rlhf("run", "configs/recipes/tiny.yaml", "run_name=z2", "resume=true", *SHORT, home=isolated_home)

@@ -81,7 +81,8 @@ def make_run(home: Path, name: str, algorithm: str) -> dict:
         for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS))
     ])
     summary = {"run": name, "stages": [
-        {"stage": "sft", "algorithm": None, "registry": sft.ref, "output_dir": sft.path, "seconds": 30.0, "metrics": sft.metrics},
+        {"stage": "sft", "algorithm": None, "registry": sft.ref, "output_dir": sft.path, "seconds": 30.0, "metrics": sft.metrics,
+         "start": {"registry": "tiny-llama", "metrics": {"eval/exact_match": 0.015}}},
         {"stage": "reward", "algorithm": None, "registry": reward.ref, "output_dir": reward.path, "seconds": 20.0, "metrics": reward.metrics},
         {"stage": "policy", "algorithm": algorithm, "registry": policy.ref, "output_dir": policy.path, "seconds": 40.0, "metrics": policy_metrics},
     ]}
@@ -162,6 +163,8 @@ def test_one_run_report_has_every_figure_table_and_renders(isolated_home, tmp_pa
         for value in stage["metrics"].values():
             assert f">{value:.3f}</td>" in text, value
     assert "0.123456" in text  # the full value, on hover
+    table = text[text.index("Held-out metrics"):text.index("Training curves")]
+    assert re.search(r"<tr><td>base</td><td>–</td><td>tiny-llama</td><td>-</td><td class=num[^>]*>0\.015</td>", table), table
     for prompt in PROMPTS:
         assert prompt in text
     assert "<code>wrong</code> ✗" in text and "<code>tac</code> ✓" in text  # SFT answer vs policy answer, checked
@@ -189,7 +192,8 @@ def test_two_runs_overlay_their_curves_in_one_page(isolated_home, tmp_path):
 
     text = page.read_text()
     metrics = text[text.index("<table class=metrics>"):text.index("</table>")]
-    assert metrics.count("<tr>") == 1 + 6  # header, 3 stages x 2 runs
+    assert metrics.count("<tr>") == 1 + 8  # header, (base as SFT scored it + 3 stages) x 2 runs
+    assert "<td>dpo-run</td><td>base</td>" in metrics and "<td>ppo-run</td><td>base</td>" in metrics
     assert "<td>dpo-run</td><td>policy</td><td>dpo</td>" in metrics and "<td>ppo-run</td><td>policy</td><td>ppo</td>" in metrics
     assert ">0.700</td>" in metrics and ">0.660</td>" in metrics
 

@@ -44,6 +44,8 @@ def test_sft_learns_saves_and_registers(tmp_path: Path) -> None:
     # Learning: held-out exact match far above chance (random strings: ~0), loss well below its start (ln 261 = 5.6).
     assert metrics["eval/exact_match"] >= 0.3, metrics
     assert metrics["train/loss"] < 3.0
+    # The starting model is scored on the same prompts: the untrained base answers none of them.
+    assert metrics["eval/ref_exact_match"] <= 0.02 and "eval/ref_exact_match_unseen_templates" in metrics, metrics
     # Parameters moved away from the seeded initialisation.
     trained = load_file(out / "model.safetensors")
     initial = models.load_causal_lm(Registry().get("tiny-llama")).state_dict()

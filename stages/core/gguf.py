@@ -11,6 +11,7 @@ entry of what they train from it (`source_sha256`).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -68,21 +69,22 @@ def converted(gguf_path: Path, home: Path) -> Path:
     target = home / "converted" / f"{gguf_path.stem}-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
         return target
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model, tokenizer = _dequantised(gguf_path)
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    (temporary / SOURCE_FILE).write_text(json.dumps({"gguf_file": str(gguf_path), "sha256": digest}, indent=2))
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # a directory without its marker is no finished conversion: never used, replaced
-        shutil.rmtree(target)
-    try:
-        os.replace(temporary, target)
-    except OSError:  # another process finished the same conversion first: use its copy
+    # One conversion at a time: the launcher's ranks all ask for the model at once, and a second converter
+    # replacing the first one's finished directory would pull it from under a rank that is loading it.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / SOURCE_FILE).is_file():  # converted by another process while this one waited
+            return target
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        if not (target / SOURCE_FILE).is_file():
-            raise
+        model, tokenizer = _dequantised(gguf_path)
+        model.save_pretrained(temporary, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
+        (temporary / SOURCE_FILE).write_text(json.dumps({"gguf_file": str(gguf_path), "sha256": digest}, indent=2))
+        if target.exists():  # a directory without its marker is no finished conversion: never used, replaced
+            shutil.rmtree(target)
+        os.replace(temporary, target)
     return target
 
 

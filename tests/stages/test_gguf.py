@@ -68,3 +68,38 @@ def test_an_unreadable_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
     assert entry.kind == "base" and entry.path == str(bad.resolve())
     with pytest.raises(gguf.GGUFError, match=r"broken.gguf: transformers cannot read or de-quantise it"):
         models.load_causal_lm(entry)
+
+
+def test_ranks_converting_at_once_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tokenizer) -> None:  # noqa: ANN001
+    """The launcher's ranks ask for an unconverted model together: one converts, the others wait for it and
+    load its directory (a second converter replacing the finished directory broke the rank loading it)."""
+    import multiprocessing
+    import os
+    import time
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF stand-in")
+    calls = tmp_path / "conversions.txt"
+    tiny = models.load_causal_lm(Registry(tmp_path / "registry").get("tiny-llama"))
+
+    def slow_dequantiser(path: Path) -> tuple[object, object]:
+        with open(calls, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # long enough for the other process to arrive while this one converts
+        return tiny, tiny_tokenizer
+
+    def convert(results) -> None:  # noqa: ANN001
+        results.put(str(gguf.converted(source, tmp_path / "home")))
+
+    monkeypatch.setattr(gguf, "_dequantised", slow_dequantiser)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=convert, args=(results,)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0, 0]
+    targets = {results.get(timeout=5) for _ in processes}
+    assert len(calls.read_text().splitlines()) == 1 and len(targets) == 1
+    assert (Path(targets.pop()) / gguf.SOURCE_FILE).is_file()

@@ -222,13 +222,31 @@ def policy_metrics(
     return {key.replace("eval/", prefix, 1): value for key, value in metrics.items()}, samples
 
 
-def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) -> dict[str, float]:
-    """`rlhf eval` on a reward entry: held-out pairs, with on-policy negatives from its parent model if registered."""
+def embedded_pair_metrics(
+    reward_model: Any, policy: Any | None, tokenizer: Any, config: EvalConfig, num_pairs: int, temperature: float = 1.0
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A reward model on held-out embedded pairs (negatives sampled from `policy` where it errs): eval/pairwise_accuracy
+    on the families training saw, like eval/exact_match, and the held-out families apart as
+    eval/pairwise_accuracy_unseen_tasks[/FAMILY], with as many pairs per family. Returns the seen pairs too."""
     from reward.evaluation import pairwise_metrics
+    from stages.tasks.pairs import heldout_pairs
+
+    seen, unseen = config.seen_tasks(), config.heldout_tasks
+    pairs = heldout_pairs(policy, tokenizer, num_pairs, config.seed, temperature, families=seen)
+    metrics = pairwise_metrics(reward_model, tokenizer, pairs)
+    if unseen:
+        unseen_pairs = heldout_pairs(policy, tokenizer, max(1, num_pairs * len(unseen) // len(seen)), config.seed, temperature, families=unseen)
+        metrics |= {key.replace("eval/pairwise_accuracy", "eval/pairwise_accuracy_unseen_tasks", 1): value
+                    for key, value in pairwise_metrics(reward_model, tokenizer, unseen_pairs).items() if key.startswith("eval/pairwise_accuracy")}
+    return metrics, pairs
+
+
+def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) -> dict[str, float]:
+    """`rlhf eval` on a reward entry: held-out pairs of the families it trained on (and, apart, those it was kept
+    from), with on-policy negatives from its parent model if registered."""
     from reward.models import load_reward
     from stages.core import models
     from stages.core.registry import Registry, RegistryError
-    from stages.tasks.pairs import heldout_pairs
 
     tokenizer = models.load_tokenizer(entry)
     reward_model = load_reward(entry)
@@ -239,7 +257,7 @@ def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) ->
             policy = models.load_causal_lm(parent) if parent.kind != "base" else None
         except (RegistryError, models.ModelLoadError):
             policy = None
-    return pairwise_metrics(reward_model, tokenizer, heldout_pairs(policy, tokenizer, num_pairs, seed))
+    return embedded_pair_metrics(reward_model, policy, tokenizer, for_entry(entry, 1, seed), num_pairs)[0]
 
 
 def evaluate_file(entry: Any, source: str, split: str = "train", num_rows: int = 200, max_new_tokens: int = 16) -> dict[str, float]:

@@ -24,14 +24,14 @@ from reward import likelihood
 from reward.evaluation import pairwise_metrics
 from reward.models import load_reward
 from reward.scoring import check_same_tokenizer
-from stages import data, generation, trainers
+from stages import data, evaluation, generation, trainers
 from stages.core import distributed, models
 from stages.core.config import ConfigError
 from stages.core.registry import Registry
 from stages.data import batching, mixture
 from stages.core.errors import run_main
 from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
-from stages.tasks.pairs import embedded_pairs, heldout_pairs
+from stages.tasks.pairs import embedded_pairs
 
 
 @dataclass
@@ -165,8 +165,10 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         stage.record(**{"train/loss": float(result.training_loss), "train/pairs": len(pairs)}, **mixture_metrics)
         heldout = []
         if embedded:  # embedded held-out pairs only where the stage trained on embedded pairs
-            heldout = heldout_pairs(policy, tokenizer, config.heldout_pairs, config.eval.seed, config.sample_temperature, families=config.eval.tasks)
-            stage.record(**pairwise_metrics(reward_model, tokenizer, heldout))
+            pair_metrics, heldout = evaluation.embedded_pair_metrics(
+                reward_model, policy, tokenizer, config.eval, config.heldout_pairs, config.sample_temperature
+            )
+            stage.record(**pair_metrics)
         if user_heldout:
             prefix = "eval/data/" if embedded else "eval/"
             user_metrics = pairwise_metrics(reward_model, tokenizer, user_heldout[: config.heldout_pairs])
@@ -235,3 +237,4 @@ def _to_dataset(pairs: list[dict[str, Any]], use_margins: bool) -> Any:
 
 if __name__ == "__main__":
     run_main(main)
+

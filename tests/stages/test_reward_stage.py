@@ -87,8 +87,16 @@ def test_likelihood_head_trains_the_lm_and_saves_a_plain_causal_lm(tmp_path: Pat
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
-    metrics = reward_model.run(_config(tmp_path, "head=likelihood", "train.logging_steps=5"))
+    # reverse held out of training (as sort is in the SmolLM2 recipe): scored apart, not in eval/pairwise_accuracy.
+    metrics = reward_model.run(_config(tmp_path, "head=likelihood", "train.logging_steps=5", "eval.tasks=[upper, copy, reverse]", "eval.heldout_tasks=[reverse]"))
     assert metrics["eval/pairwise_accuracy"] >= 0.56, metrics  # 200 pairs: chance is 0.50 +- 0.035
+    families = {key.rsplit("/", 1)[1] for key in metrics if key.startswith("eval/pairwise_accuracy/")}
+    assert families == {"upper", "copy"} and metrics["eval/num_pairs"] == 200, metrics
+    assert 0 <= metrics["eval/pairwise_accuracy_unseen_tasks/reverse"] == metrics["eval/pairwise_accuracy_unseen_tasks"] <= 1
+    from stages import evaluation  # `rlhf eval` of the entry splits the same way, from its recorded config
+
+    again = evaluation.evaluate_reward_model(Registry().get("reward:latest"), num_pairs=40)
+    assert "eval/pairwise_accuracy_unseen_tasks/reverse" in again and "eval/pairwise_accuracy/reverse" not in again, again
     assert metrics["eval/reward_margin"] > 0 and metrics["eval/reward_chosen"] < 0
     entry = Registry().get("reward:latest")
     logged = [row["loss"] for row in json.loads((Path(entry.path) / "trainer_state.json").read_text())["log_history"] if "loss" in row]

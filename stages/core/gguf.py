@@ -79,13 +79,29 @@ def converted(gguf_path: Path, home: Path) -> Path:
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         model, tokenizer = _dequantised(gguf_path)
-        model.save_pretrained(temporary, safe_serialization=True)
-        tokenizer.save_pretrained(temporary)
+        _save(model, tokenizer, temporary)
         (temporary / SOURCE_FILE).write_text(json.dumps({"gguf_file": str(gguf_path), "sha256": digest}, indent=2))
         if target.exists():  # a directory without its marker is no finished conversion: never used, replaced
             shutil.rmtree(target)
         os.replace(temporary, target)
     return target
+
+
+def _save(model: Any, tokenizer: Any, directory: Path) -> None:
+    """The model's config, safetensors weights and tokenizer, written from any process: transformers'
+    `save_pretrained` silently writes no config and no weights on a torch.distributed rank other than 0, and
+    whichever rank takes the lock first converts."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True)
+    model.config.save_pretrained(directory)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})  # one copy of tied tensors
+    tokenizer.save_pretrained(directory)
+    missing = [name for name in ("config.json", "model.safetensors") if not (directory / name).is_file()]
+    if missing:
+        raise RuntimeError(f"converting to {directory}: {', '.join(missing)} not written")
 
 
 def source_sha256(model_dir: str | Path) -> str | None:

@@ -70,36 +70,49 @@ def test_an_unreadable_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
         models.load_causal_lm(entry)
 
 
-def test_ranks_converting_at_once_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tokenizer) -> None:  # noqa: ANN001
-    """The launcher's ranks ask for an unconverted model together: one converts, the others wait for it and
-    load its directory (a second converter replacing the finished directory broke the rank loading it)."""
-    import multiprocessing
+RANK_SCRIPT = """
+import os, sys, time
+import torch
+from stages.core import gguf, models
+from stages.core.registry import Entry, Registry
+
+rank, tmp = int(sys.argv[1]), sys.argv[2]
+
+def slow_dequantiser(path):  # stands in for transformers' GGUF reader: the tiny model, seeded
+    with open(os.path.join(tmp, "conversions.txt"), "a") as log:
+        log.write(f"{rank}\\n")
+    torch.manual_seed(0)
+    registry = Registry(os.devnull)
+    model, tokenizer = models.load_causal_lm(registry.get("tiny-llama")), models.load_tokenizer(registry.get("tiny-llama"))
+    time.sleep(1.0)  # long enough for the other ranks to arrive while this one converts
+    return model, tokenizer
+
+gguf._dequantised = slow_dequantiser
+torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=3)
+if rank == 0:
+    time.sleep(0.5)  # another rank converts
+target = gguf.converted(__import__("pathlib").Path(tmp, "model.gguf"), __import__("pathlib").Path(tmp, "home"))
+loaded = models.load_causal_lm(Entry(name="converted", version=0, kind="base", path=str(target)))
+print(target, float(loaded.lm_head.weight.double().sum()))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_converting_at_once_convert_once_and_write_a_whole_model(tmp_path: Path) -> None:
+    """The launcher's ranks ask for an unconverted model together: one converts, the others wait for it and load
+    its directory (a second converter replaced the finished directory under a rank loading it). The converter is
+    not rank 0 here (rank 0 arrives last): transformers' save_pretrained writes no weights on another rank."""
     import os
-    import time
+    import subprocess
+    import sys
 
-    source = tmp_path / "model.gguf"
-    source.write_bytes(b"GGUF stand-in")
-    calls = tmp_path / "conversions.txt"
-    tiny = models.load_causal_lm(Registry(tmp_path / "registry").get("tiny-llama"))
-
-    def slow_dequantiser(path: Path) -> tuple[object, object]:
-        with open(calls, "a") as log:
-            log.write(f"{os.getpid()}\n")
-        time.sleep(1.0)  # long enough for the other process to arrive while this one converts
-        return tiny, tiny_tokenizer
-
-    def convert(results) -> None:  # noqa: ANN001
-        results.put(str(gguf.converted(source, tmp_path / "home")))
-
-    monkeypatch.setattr(gguf, "_dequantised", slow_dequantiser)
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    processes = [context.Process(target=convert, args=(results,)) for _ in range(3)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
-    assert [process.exitcode for process in processes] == [0, 0, 0]
-    targets = {results.get(timeout=5) for _ in processes}
-    assert len(calls.read_text().splitlines()) == 1 and len(targets) == 1
-    assert (Path(targets.pop()) / gguf.SOURCE_FILE).is_file()
+    (tmp_path / "model.gguf").write_bytes(b"GGUF stand-in")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(rank), str(tmp_path)], env=environment,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(3)]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert len((tmp_path / "conversions.txt").read_text().splitlines()) == 1
+    assert len({out.strip() for out, _ in outputs}) == 1  # one directory, the same weights in every rank
+    assert (Path(outputs[0][0].split()[0]) / gguf.SOURCE_FILE).is_file()

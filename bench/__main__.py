@@ -1,4 +1,4 @@
-"""python -m bench {all,sft,reward,dpo,ppo,mfu} [--quick] [--repeats N] [--threads N] [--json PATH]
+"""python -m bench {all,sft,reward,dpo,ppo,mfu,smollm2} [--quick] [--repeats N] [--threads N] [--json PATH]
 
 Our stages side by side with plain TRL on the same models, data and work, and the SFT step against the
 machine's own matmul peak (MFU). Every arm runs in its own process with pinned threads; arms alternate;
@@ -28,10 +28,11 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench import common, dpo, mfu, ppo, reward, sft  # noqa: E402
+from bench import common, dpo, mfu, ppo, reward, sft, smollm2  # noqa: E402
 from bench.runner import format_outcome, preload, run_comparison  # noqa: E402
 
-SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu}
+SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu, "smollm2": smollm2}
+ALL = ["sft", "reward", "dpo", "ppo", "mfu"]  # `all`: the byte-level suites; smollm2 (~8 min more) runs on its own
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {platform.processor() or platform.machine()}, {_cpu_count()} CPUs visible, load average {_load()}", flush=True)
     started, outcomes = time.perf_counter(), []
     preload()
-    for name in SUITES if args.suite == "all" else [args.suite]:
+    for name in ALL if args.suite == "all" else [args.suite]:
         options = {"before": args.ppo_before, "models": args.ppo_models.split(",")} if name == "ppo" else {}
         for comparison in SUITES[name].comparisons(args.quick, **options):
             if keep is not None:

@@ -49,3 +49,23 @@ def test_unequal_work_is_reported():
     problems = _work_mismatches(results)
     assert problems and "unequal work" in problems[0]
     assert "PROBLEM: unequal work" in format_outcome(Outcome(comparison, results, problems))
+
+
+def test_smollm2_mfu_counts_the_products_its_matmul_peak_times():
+    """The real-model MFU's numerator (model FLOPs of a LoRA step) and denominator (the frozen products the
+    matmul peak times, at the step's token count) count the same linear layers and LM head: without attention
+    and adapters they agree up to the norms' few parameters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench import smollm2
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    tokens = 96
+    adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    counted = smollm2.training_flops(model, {"real_tokens": tokens, "squared_lengths": 0}) - 6 * adapters * tokens
+    timed = sum(2 * m * k * n * count for m, k, n, count in smollm2._matmul_shapes(config, tokens))
+    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
+    assert counted == timed + 4 * norms * tokens

@@ -4,7 +4,8 @@ A model loaded with `gguf_file=` carries a GGUF quantizer, which HF Trainer (hen
 `save_pretrained` refuses to write. So the first use builds a plain model from the same config (quantization
 config removed), loads the de-quantised weights (every key matches), ties the embeddings again and saves it with
 the tokenizer under `RLHF_HOME/converted/STEM-SHA256PREFIX/`: written into a temporary directory renamed at the
-end, so a conversion cut off half-way is never used (the next use converts again). Later uses load that directory
+end, so a conversion cut off half-way is never used (the next use converts again), and under a file lock, so the
+launcher's ranks, which all ask at once, convert once. Later uses load that directory
 in seconds. `gguf_source.json` inside records the file and its sha256; stages record the sha256 in the registry
 entry of what they train from it (`source_sha256`).
 """

@@ -32,7 +32,7 @@ from bench import common, dpo, mfu, ppo, reward, sft, smollm2  # noqa: E402
 from bench.runner import format_outcome, preload, run_comparison  # noqa: E402
 
 SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu, "smollm2": smollm2}
-ALL = ["sft", "reward", "dpo", "ppo", "mfu"]  # `all`: the byte-level suites; smollm2 (~8 min more) runs on its own
+ALL = ["sft", "reward", "dpo", "ppo", "mfu"]  # `all`: the byte-level suites; smollm2 (~3.5 min more) runs on its own
 
 
 def main(argv: list[str] | None = None) -> int:

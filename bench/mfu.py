@@ -59,27 +59,31 @@ def _best_rate(m: int, k: int, n: int, budget_seconds: float) -> tuple[float, fl
     return flops / best_wall / 1e9, flops / max(best_cpu, 1e-9) / 1e9
 
 
-def _matmul_peak(params: dict[str, Any]) -> dict[str, Any]:
-    shapes = _matmul_shapes(params["model"], params["tokens"])
+def matmul_peak(shapes: list[tuple[int, int, int, int]], seconds_per_shape: float) -> dict[str, Any]:
+    """An arm result for the products `shapes` (M, K, N, count), each timed at its best: rate = the peak."""
     total_flops = sum(2 * m * k * n * count for m, k, n, count in shapes)
     wall_seconds = cpu_seconds = 0.0
     rates = {}
     for m, k, n, count in shapes:
-        wall_rate, cpu_rate = _best_rate(m, k, n, params["seconds_per_shape"])
+        wall_rate, cpu_rate = _best_rate(m, k, n, seconds_per_shape)
         flops = 2 * m * k * n * count / 1e9
         wall_seconds += flops / wall_rate
         cpu_seconds += flops / cpu_rate
         rates[f"{m}x{k}x{n}"] = round(wall_rate, 1)
-    square_wall, _ = _best_rate(2048, 2048, 2048, params["seconds_per_shape"])
     return {
         "amount": total_flops / 1e9,  # GFLOP of one step's matmuls, at their best time: rate = the peak
         "seconds": wall_seconds,
         "cpu_seconds": cpu_seconds,
-        "square_2048_gflops": square_wall,
         "best_shape_gflops": max(rates.values()),
         "shape_gflops": rates,
         "work": {"kind": "matmul"},
     }
+
+
+def _matmul_peak(params: dict[str, Any]) -> dict[str, Any]:
+    result = matmul_peak(_matmul_shapes(params["model"], params["tokens"]), params["seconds_per_shape"])
+    square_wall, _ = _best_rate(2048, 2048, 2048, params["seconds_per_shape"])
+    return result | {"square_2048_gflops": square_wall}
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:

@@ -90,13 +90,7 @@ def _matmul_peak(params: dict[str, Any]) -> dict[str, Any]:
     from stages.core.registry import Registry
 
     config = AutoConfig.from_pretrained(models.model_dir(Registry().get("smollm2-135m-instruct")))
-    shapes = _matmul_shapes(config, params["tokens"])
-    total = wall = cpu = 0.0
-    for m, k, n, count in shapes:
-        wall_rate, cpu_rate = mfu._best_rate(m, k, n, params["seconds_per_shape"])
-        flops = 2 * m * k * n * count / 1e9
-        total, wall, cpu = total + flops, wall + flops / wall_rate, cpu + flops / cpu_rate
-    return {"amount": total, "seconds": wall, "cpu_seconds": cpu, "work": {"kind": "matmul"}}
+    return mfu.matmul_peak(_matmul_shapes(config, params["tokens"]), params["seconds_per_shape"])
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:

@@ -109,7 +109,12 @@ def exact_match_from_start(model: Any, start: Any, tokenizer: Any, config: EvalC
 
 def as_reference(metrics: dict[str, float]) -> dict[str, float]:
     """A starting model's exact-match metrics under the `eval/ref_` keys."""
-    return {key.replace("eval/", "eval/ref_", 1): value for key, value in metrics.items() if key.startswith("eval/exact_match")}
+    return _renamed(metrics, "eval/exact_match", "eval/ref_exact_match")
+
+
+def _renamed(metrics: dict[str, float], prefix: str, new_prefix: str) -> dict[str, float]:
+    """The metrics whose key starts with `prefix`, with `new_prefix` in its place."""
+    return {new_prefix + key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
 
 
 def _exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]], list[str]]:
@@ -236,8 +241,7 @@ def embedded_pair_metrics(
     metrics = pairwise_metrics(reward_model, tokenizer, pairs)
     if unseen:
         unseen_pairs = heldout_pairs(policy, tokenizer, max(1, num_pairs * len(unseen) // len(seen)), config.seed, temperature, families=unseen)
-        metrics |= {key.replace("eval/pairwise_accuracy", "eval/pairwise_accuracy_unseen_tasks", 1): value
-                    for key, value in pairwise_metrics(reward_model, tokenizer, unseen_pairs).items() if key.startswith("eval/pairwise_accuracy")}
+        metrics |= _renamed(pairwise_metrics(reward_model, tokenizer, unseen_pairs), "eval/pairwise_accuracy", "eval/pairwise_accuracy_unseen_tasks")
     return metrics, pairs
 
 
@@ -257,7 +261,7 @@ def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) ->
             policy = models.load_causal_lm(parent) if parent.kind != "base" else None
         except (RegistryError, models.ModelLoadError):
             policy = None
-    return embedded_pair_metrics(reward_model, policy, tokenizer, for_entry(entry, 1, seed), num_pairs)[0]
+    return embedded_pair_metrics(reward_model, policy, tokenizer, for_entry(entry, num_pairs, seed), num_pairs)[0]
 
 
 def evaluate_file(entry: Any, source: str, split: str = "train", num_rows: int = 200, max_new_tokens: int = 16) -> dict[str, float]:

@@ -237,4 +237,3 @@ def _to_dataset(pairs: list[dict[str, Any]], use_margins: bool) -> Any:
 
 if __name__ == "__main__":
     run_main(main)
-

@@ -5,9 +5,9 @@ A model loaded with `gguf_file=` carries a GGUF quantizer, which HF Trainer (hen
 config removed), loads the de-quantised weights (every key matches), ties the embeddings again and saves it with
 the tokenizer under `RLHF_HOME/converted/STEM-SHA256PREFIX/`: written into a temporary directory renamed at the
 end, so a conversion cut off half-way is never used (the next use converts again), and under a file lock, so the
-launcher's ranks, which all ask at once, convert once. Later uses load that directory
-in seconds. `gguf_source.json` inside records the file and its sha256; stages record the sha256 in the registry
-entry of what they train from it (`source_sha256`).
+launcher's ranks, which all ask at once, convert once. Later uses load that directory in seconds.
+`gguf_source.json` inside records the file and its sha256; stages record the sha256 in the registry entry of what
+they train from it (`source_sha256`).
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ def test_an_unreadable_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
 
 RANK_SCRIPT = """
 import os, sys, time
+from pathlib import Path
 import torch
 from stages.core import gguf, models
 from stages.core.registry import Entry, Registry
@@ -91,7 +92,7 @@ gguf._dequantised = slow_dequantiser
 torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=3)
 if rank == 0:
     time.sleep(0.5)  # another rank converts
-target = gguf.converted(__import__("pathlib").Path(tmp, "model.gguf"), __import__("pathlib").Path(tmp, "home"))
+target = gguf.converted(Path(tmp, "model.gguf"), Path(tmp, "home"))
 loaded = models.load_causal_lm(Entry(name="converted", version=0, kind="base", path=str(target)))
 print(target, float(loaded.lm_head.weight.double().sum()))
 torch.distributed.destroy_process_group()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import reward_model
+from stages import evaluation, reward_model
 from stages.core.config import load_config
 from stages.core.registry import Registry
 
@@ -93,8 +93,7 @@ def test_likelihood_head_trains_the_lm_and_saves_a_plain_causal_lm(tmp_path: Pat
     families = {key.rsplit("/", 1)[1] for key in metrics if key.startswith("eval/pairwise_accuracy/")}
     assert families == {"upper", "copy"} and metrics["eval/num_pairs"] == 200, metrics
     assert 0 <= metrics["eval/pairwise_accuracy_unseen_tasks/reverse"] == metrics["eval/pairwise_accuracy_unseen_tasks"] <= 1
-    from stages import evaluation  # `rlhf eval` of the entry splits the same way, from its recorded config
-
+    # `rlhf eval` of the entry splits the same way, from its recorded config.
     again = evaluation.evaluate_reward_model(Registry().get("reward:latest"), num_pairs=40)
     assert "eval/pairwise_accuracy_unseen_tasks/reverse" in again and "eval/pairwise_accuracy/reverse" not in again, again
     assert metrics["eval/reward_margin"] > 0 and metrics["eval/reward_chosen"] < 0

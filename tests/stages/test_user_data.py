@@ -138,10 +138,10 @@ def test_rlhf_eval_scores_a_model_on_a_users_file(tmp_path: Path, registered_sft
     margins = []
     for row in data.load_preference_rows(DatasetSpec(source=str(USER / "qa_hh.jsonl")))[0][:30]:
         prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         scores = []
         for reply in (row["chosen"], row["rejected"]):
             ids = tokenizer(tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=False), add_special_tokens=False, return_tensors="pt")["input_ids"]
-            start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             with torch.no_grad():
                 logprobs = plain(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
             scores.append(logprobs[start - 1 :].sum().item())

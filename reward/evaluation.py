@@ -32,9 +32,10 @@ def pairwise_metrics(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) ->
         metrics["eval/pairwise_accuracy_onpolicy"] = pairwise_accuracy(chosen[on_policy], rejected[on_policy])
     if (~on_policy).any():
         metrics["eval/pairwise_accuracy_corrupted"] = pairwise_accuracy(chosen[~on_policy], rejected[~on_policy])
-    families = [pair.get("task") for pair in pairs]
-    for family in sorted({f for f in families if f}):
-        selected = torch.tensor([f == family for f in families])
-        metrics[f"eval/pairwise_accuracy/{family}"] = pairwise_accuracy(chosen[selected], rejected[selected])
+    for key, name in (("task", "eval/pairwise_accuracy/"), ("contrast", "eval/pairwise_accuracy_contrast/")):
+        groups = [pair.get(key) for pair in pairs]  # contrast: what a judged pair tells apart (stages/tasks/world.py)
+        for group in sorted({g for g in groups if g}):
+            selected = torch.tensor([g == group for g in groups])
+            metrics[name + group] = pairwise_accuracy(chosen[selected], rejected[selected])
     return metrics
 

@@ -6,6 +6,8 @@
   initialised from the reward model;
 - grpo / rloo: TRL's trainers with the stage-2 reward model as reward function (plus, optionally, the
   embedded tasks' verifiable exact-answer reward).
+PPO, GRPO and RLOO log the verifier as a gold reward where the prompts have answers, optimised only with
+`verifiable_reward: true`: the proxy (reward model) and the gold reward against KL show over-optimisation.
 The stage (stages/policy.py) loads the models and data before, and saves, evaluates and registers after.
 """
 
@@ -79,8 +81,14 @@ def train_group_relative(inputs: PolicyInputs) -> PolicyOutcome:
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if config.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     section = getattr(config, config.algorithm)
     reward_funcs: list[Any] = [reward_model] if reward_model is not None else []
-    if config.verifiable_reward:
+    # Without verifiable_reward, the verifier still rides along at weight 0 where the prompts have answers: TRL logs
+    # it (rewards/exact_answer_reward/mean), and the reward model's score and this gold reward against KL are the
+    # over-optimisation curve (stages/report.py).
+    monitor_gold = not config.verifiable_reward and reward_model is not None and _has_answers(inputs.examples) and "reward_weights" not in section
+    if config.verifiable_reward or monitor_gold:
         reward_funcs.append(as_trl_reward(answer_reward(inputs.examples), "exact_answer_reward"))
+    if monitor_gold:
+        section = section | {"reward_weights": [1.0, 0.0]}
     trainer = trainer_class(
         model=inputs.policy,
         reward_funcs=reward_funcs,
@@ -133,6 +141,8 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
         config=config.ppo,
         output_dir=stage.output_dir,
         reward_fn=answer_reward(inputs.examples) if config.verifiable_reward else None,
+        # Logged, not optimised: the gold reward of the over-optimisation curve, where the prompts have answers.
+        gold_fn=answer_reward(inputs.examples) if not config.verifiable_reward and _has_answers(inputs.examples) else None,
         deepspeed_config=stage.deepspeed_config,
         log_hook=log_hook,
     )
@@ -145,6 +155,10 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
         steps=trainer.num_steps,
         card={k: getattr(config.ppo, k) for k in ("actor_learning_rate", "kl_coef", "batch_size", "num_steps")},
     )
+
+
+def _has_answers(examples: list[dict[str, Any]]) -> bool:
+    return bool(examples) and all(example.get("answer") is not None for example in examples)
 
 
 ALGORITHMS: dict[str, Callable[[PolicyInputs], PolicyOutcome]] = {

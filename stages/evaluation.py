@@ -228,19 +228,23 @@ def policy_metrics(
 
 
 def embedded_pair_metrics(
-    reward_model: Any, policy: Any | None, tokenizer: Any, config: EvalConfig, num_pairs: int, temperature: float = 1.0
+    reward_model: Any, policy: Any | None, tokenizer: Any, config: EvalConfig, num_pairs: int, temperature: float = 1.0,
+    world: tasks.World | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """A reward model on held-out embedded pairs (negatives sampled from `policy` where it errs): eval/pairwise_accuracy
-    on the families training saw, like eval/exact_match, and the held-out families apart as
-    eval/pairwise_accuracy_unseen_tasks[/FAMILY], with as many pairs per family. Returns the seen pairs too."""
+    """A reward model on held-out embedded pairs (negatives sampled from `policy` where it errs; with the training
+    data's `world`, its judge's pairs with true labels): eval/pairwise_accuracy on the families training saw, like
+    eval/exact_match, and the held-out families apart as eval/pairwise_accuracy_unseen_tasks[/FAMILY], with as many
+    pairs per family. Returns the seen pairs too."""
     from reward.evaluation import pairwise_metrics
     from stages.tasks.pairs import heldout_pairs
 
     seen, unseen = config.seen_tasks(), config.heldout_tasks
-    pairs = heldout_pairs(policy, tokenizer, num_pairs, config.seed, temperature, families=seen)
+    pairs = heldout_pairs(policy, tokenizer, num_pairs, config.seed, temperature, families=seen, world=world)
     metrics = pairwise_metrics(reward_model, tokenizer, pairs)
     if unseen:
-        unseen_pairs = heldout_pairs(policy, tokenizer, max(1, num_pairs * len(unseen) // len(seen)), config.seed, temperature, families=unseen)
+        unseen_pairs = heldout_pairs(
+            policy, tokenizer, max(1, num_pairs * len(unseen) // len(seen)), config.seed, temperature, families=unseen, world=world
+        )
         metrics |= _renamed(pairwise_metrics(reward_model, tokenizer, unseen_pairs), "eval/pairwise_accuracy", "eval/pairwise_accuracy_unseen_tasks")
     return metrics, pairs
 
@@ -261,7 +265,18 @@ def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) ->
             policy = models.load_causal_lm(parent) if parent.kind != "base" else None
         except (RegistryError, models.ModelLoadError):
             policy = None
-    return embedded_pair_metrics(reward_model, policy, tokenizer, for_entry(entry, num_pairs, seed), num_pairs)[0]
+    return embedded_pair_metrics(reward_model, policy, tokenizer, for_entry(entry, num_pairs, seed), num_pairs, world=world_of(entry))[0]
+
+
+def world_of(entry: Any) -> tasks.World | None:
+    """The world a registered stage's embedded data came from (its saved config), so `rlhf eval` judges as it trained."""
+    from stages.core.config import build
+
+    specs = ((getattr(entry, "config", None) or {}).get("datasets")) or []
+    for spec in specs:
+        if isinstance(spec, dict) and spec.get("source", "embedded") == "embedded" and spec.get("world"):
+            return build(tasks.World, spec["world"], source=f"the config of {entry.name}")
+    return None
 
 
 def evaluate_file(entry: Any, source: str, split: str = "train", num_rows: int = 200, max_new_tokens: int = 16) -> dict[str, float]:

@@ -168,8 +168,8 @@ def _preference_pairs(config: PolicyStageConfig, policy: Any, tokenizer: Any) ->
         if config.onpolicy_negatives:
             policy.to(distributed.device())  # where the trainer will put it anyway
             sampled = generation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], samples_seed, config.eval.max_new_tokens)
-        generated = embedded_pairs(len(rows), samples_seed, sampled_responses=sampled, rows=rows)
-        print(f"policy: {len(generated)} embedded pairs, {sum(p['on_policy'] for p in generated)} rejecting the SFT model's own mistakes")
+        generated = embedded_pairs(len(rows), samples_seed, sampled_responses=sampled, rows=rows, world=spec.world)
+        print(f"policy: {len(generated)} embedded pairs, {sum(p['on_policy'] for p in generated)} with the SFT model's own sample on one side")
         return [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in generated]
 
     return mixture.mix(config.datasets, config.mixture_size, config.seed, load)

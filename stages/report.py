@@ -45,7 +45,11 @@ class Panel:
     stage: str
     title: str
     keys: tuple[str, ...]  # the first key a history holds wins: TRL's trainers and our PPO name metrics differently
-    algorithm: str | None = None  # a panel of one policy algorithm only: not listed as missing for the others
+    algorithm: str | tuple[str, ...] | None = None  # a panel of these policy algorithms only: not listed as missing for others
+
+    def applies_to(self, algorithms: set[str | None]) -> bool:
+        wanted = (self.algorithm,) if isinstance(self.algorithm, str) else self.algorithm
+        return wanted is None or bool(set(wanted) & algorithms)
 
 
 PANELS = (
@@ -63,6 +67,13 @@ PANELS = (
     Panel("policy", "DPO implicit reward margin", ("rewards/margins",), algorithm="dpo"),
 )
 TIME_SPLIT = Panel("policy", "PPO time per phase", ("time/generation", "time/scoring", "time/training"), algorithm="ppo")
+# Proxy (reward model) and gold (verifier) reward against KL to the reference, after Gao et al. 2022: where the
+# proxy still climbs and the gold reward turns down, the policy is exploiting the reward model. Keys: x, proxy, gold.
+OVEROPTIMISATION = Panel(
+    "policy", "Over-optimisation: proxy and gold reward against KL",
+    ("ppo/kl|kl", "ppo/proxy_reward|rewards/*/mean", "ppo/gold_reward|rewards/exact_answer_reward/mean"),
+    algorithm=("ppo", "grpo", "rloo"),
+)
 
 
 @dataclass
@@ -151,8 +162,9 @@ def _draw_figures(runs: list[RunRecord], directory: Path) -> str:
             continue
         figures, missing = [], []
         algorithms = {run.stages[stage].algorithm for run in runs if stage in run.stages}
-        for panel in [p for p in (*PANELS, TIME_SPLIT) if p.stage == stage and p.algorithm in (None, *algorithms)]:
-            figure = _time_split_figure(runs) if panel is TIME_SPLIT else _curve_figure(panel, runs)
+        for panel in [p for p in (*PANELS, TIME_SPLIT, OVEROPTIMISATION) if p.stage == stage and p.applies_to(algorithms)]:
+            special = {TIME_SPLIT.title: _time_split_figure, OVEROPTIMISATION.title: _overoptimisation_figure}.get(panel.title)
+            figure = special(runs) if special else _curve_figure(panel, runs)
             if figure is None:
                 missing.append(panel.title)
                 continue
@@ -211,6 +223,52 @@ def _time_split_figure(runs: list[RunRecord]) -> Any | None:
     axes.set_xlabel("seconds, summed over steps")
     axes.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: bars fill the axes
     return figure
+
+
+def _overoptimisation_figure(runs: list[RunRecord]) -> Any | None:
+    """Proxy reward (left axis, solid) and gold reward (right axis, dashed) at each logged step's KL, one colour per run."""
+    curves = []
+    for index, run in enumerate(runs):
+        stage = run.stages.get(OVEROPTIMISATION.stage)
+        if stage is None or not OVEROPTIMISATION.applies_to({stage.algorithm}):
+            continue
+        kl_keys, proxy_keys, gold_keys = OVEROPTIMISATION.keys
+        kl_key, gold_key = _first_logged(stage.history, kl_keys), _first_logged(stage.history, gold_keys)
+        proxy_key = _first_logged(stage.history, proxy_keys, exclude=gold_key)
+        if kl_key and proxy_key and gold_key:
+            logged = [e for e in stage.history if all(_is_number(e.get(k)) for k in (kl_key, proxy_key, gold_key))]
+            if logged:
+                points = sorted((e[kl_key], e[proxy_key], e[gold_key]) for e in logged)
+                curves.append((index, f"{run.name} ({stage.algorithm})", proxy_key, gold_key, points))
+    if not curves:
+        return None
+    figure, proxy_axes = _figure(OVEROPTIMISATION.title)
+    gold_axes = proxy_axes.twinx()
+    for index, label, proxy_key, gold_key, points in curves:
+        kls, proxies, golds = zip(*points)
+        proxy_axes.plot(kls, proxies, color=f"C{index}", marker="o", markersize=3, label=f"{label}: proxy {proxy_key}")
+        gold_axes.plot(kls, golds, color=f"C{index}", linestyle="--", marker="s", markersize=3, label=f"{label}: gold {gold_key}")
+    proxy_axes.set_xlabel("KL to the reference (per episode)")
+    proxy_axes.set_ylabel("proxy: reward model")
+    gold_axes.set_ylabel("gold: exact answer")
+    handles = [h for axes in (proxy_axes, gold_axes) for h in axes.get_legend_handles_labels()[0]]
+    proxy_axes.legend(handles, [h.get_label() for h in handles], fontsize=7)
+    return figure
+
+
+def _first_logged(history: list[dict[str, Any]], alternatives: str, exclude: str | None = None) -> str | None:
+    """The first of `a|b|...` (each a key, or a pattern with one `*`) that the history logs a number for."""
+    logged = [key for key in dict.fromkeys(k for entry in history for k, v in entry.items() if _is_number(v)) if key != exclude]
+    for pattern in alternatives.split("|"):
+        head, star, tail = pattern.partition("*")
+        for key in logged:
+            if key == pattern or (star and key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail)):
+                return key
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _figure(title: str) -> tuple[Any, Any]:

@@ -166,7 +166,8 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         heldout = []
         if embedded:  # embedded held-out pairs only where the stage trained on embedded pairs
             pair_metrics, heldout = evaluation.embedded_pair_metrics(
-                reward_model, policy, tokenizer, config.eval, config.heldout_pairs, config.sample_temperature
+                reward_model, policy, tokenizer, config.eval, config.heldout_pairs, config.sample_temperature,
+                world=data.embedded_world(config.datasets),
             )
             stage.record(**pair_metrics)
         if user_heldout:
@@ -207,9 +208,10 @@ def _embedded_training_pairs(
         policy.to(distributed.device())
         sampled = generation.sample_responses(policy, tokenizer, prompts, seed, config.eval.max_new_tokens, config.sample_temperature)
         policy.to("cpu")
-    pairs = embedded_pairs(len(rows), seed, sampled_responses=sampled, rows=rows)
+    pairs = embedded_pairs(len(rows), seed, sampled_responses=sampled, rows=rows, world=spec.world)
     on_policy = sum(pair["on_policy"] for pair in pairs)
-    print(f"reward: {len(pairs)} embedded pairs, {on_policy} with the policy's own mistakes as the rejected answer")
+    judged = f", judged in the configured world ({sum(pair['label_flipped'] for pair in pairs)} labels flipped)" if spec.world else ""
+    print(f"reward: {len(pairs)} embedded pairs, {on_policy} with the policy's own sample on one side{judged}")
     return [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
 
 

@@ -20,6 +20,7 @@ from stages.data.formats import (
     convert_sft_row,
     detect_format,
     embedded_rows,
+    embedded_world,
     fingerprint,
     heldout_indices,
     heldout_raw_rows,
@@ -33,5 +34,5 @@ from stages.data.preferences import convert_preference_row, load_preference_held
 
 __all__ = [
     "DataError", "DatasetSpec", "check_messages", "convert_preference_row", "convert_sft_row", "detect_format",
-    "embedded_rows", "fingerprint", "heldout_indices", "heldout_raw_rows", "load_preference_heldout", "load_preference_rows", "load_sft_heldout", "load_sft_rows", "read_rows", "token_count", "token_counts",
+    "embedded_rows", "embedded_world", "fingerprint", "heldout_indices", "heldout_raw_rows", "load_preference_heldout", "load_preference_rows", "load_sft_heldout", "load_sft_rows", "read_rows", "token_count", "token_counts",
 ]

@@ -30,6 +30,7 @@ from stages import tasks
 from stages.core import distributed
 from stages.core.errors import UserError
 from stages.tasks import templates
+from stages.tasks.world import World
 
 SUPPORTED_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -95,6 +96,11 @@ class DatasetSpec:
                   "of training for evaluation. 0: none."},
     )
     eval_max_rows: int = field(default=1000, metadata={"help": "At most this many rows are held out by eval_fraction (the lowest hashes)."})
+    world: World | None = field(
+        default=None,
+        metadata={"help": "Embedded only: the simulated annotators who write its demonstrations and the judge of its pairs "
+                  "(stages/tasks/world.py); absent: exact demonstrations and noise-free labels."},
+    )
 
     def __post_init__(self) -> None:
         if self.num_examples is not None and self.num_examples <= 0:
@@ -115,6 +121,8 @@ class DatasetSpec:
             raise ValueError(f"eval_fraction must be in [0, 1) and eval_max_rows at least 1, got {self.eval_fraction} and {self.eval_max_rows}")
         if self.source == "embedded" and self.eval_split is not None:
             raise ValueError("eval_split is for files and Hub datasets; the embedded tasks hold out their own instances")
+        if self.source != "embedded" and self.world is not None:
+            raise ValueError(f"{self.source}: world simulates the annotators of the embedded tasks; a file or Hub dataset has its own")
         self.phrasings()  # a malformed template file stops here, at parse time
 
     @property
@@ -194,8 +202,9 @@ def row_bucket(row: dict[str, Any]) -> float:
 
 
 def embedded_rows(spec: DatasetSpec, seed: int, count: int, heldout_tasks: list[str] | None = None) -> list[dict[str, Any]]:
-    """Embedded task examples of the training split, without the held-out families."""
-    return tasks.generate(
+    """Embedded task examples of the training split, without the held-out families; with a `world`, their
+    completions are written by its annotators (each row keeps its gold `answer`)."""
+    rows = tasks.generate(
         count,
         seed=seed,
         split="train",
@@ -204,6 +213,21 @@ def embedded_rows(spec: DatasetSpec, seed: int, count: int, heldout_tasks: list[
         fanout=spec.fanout,
         templates_path=spec.templates or tasks.DEFAULT_TEMPLATES,
     )
+    if spec.world is None:
+        return rows
+    phrasings = spec.phrasings() or {}
+    num_phrasings = {task: len(sets.get("train") or []) for task, sets in phrasings.items()}
+    if spec.templates_per_task is not None:
+        num_phrasings = {task: min(count, spec.templates_per_task) for task, count in num_phrasings.items()}
+    return spec.world.demonstrate(rows, seed, num_phrasings)
+
+
+def embedded_world(specs: Iterable[DatasetSpec]) -> World | None:
+    """The world of a stage's embedded sources (its held-out pairs are judged in it); sources that disagree are an error."""
+    worlds = [spec.world for spec in specs if spec.source == "embedded" and spec.world is not None]
+    if any(world != worlds[0] for world in worlds[1:]):
+        raise DataError("the embedded sources of one stage have different `world` settings; give them one world")
+    return worlds[0] if worlds else None
 
 
 def token_count(tokenizer: Any, row: dict[str, Any]) -> int:

@@ -101,12 +101,16 @@ def unique_labels(specs: Sequence[DatasetSpec]) -> list[str]:
 
 
 def report(rows: list[dict[str, Any]], token_counts: list[int], requested: dict[str, float] | None = None) -> dict[str, float]:
-    """Realised mixture as metrics: `data/SOURCE/examples`, `/tokens`, `/share` (of examples), `/token_share`."""
+    """Realised mixture as metrics: `data/SOURCE/examples`, `/tokens`, `/share` (of examples), `/token_share`; and for
+    sources written by a simulated world's annotators, `/annotators/KIND` (share of the source's rows)."""
     examples: dict[str, int] = defaultdict(int)
     tokens: dict[str, int] = defaultdict(int)
+    annotators: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row, count in zip(rows, token_counts, strict=True):
         examples[row["source"]] += 1
         tokens[row["source"]] += count
+        if "annotator" in row:
+            annotators[row["source"]][row["annotator"]] += 1
     metrics: dict[str, float] = {}
     for source in examples:
         metrics[f"data/{source}/examples"] = float(examples[source])
@@ -115,6 +119,8 @@ def report(rows: list[dict[str, Any]], token_counts: list[int], requested: dict[
         metrics[f"data/{source}/token_share"] = tokens[source] / max(sum(tokens.values()), 1)
         if requested and source in requested:
             metrics[f"data/{source}/requested_share"] = requested[source]
+        for kind, count in sorted(annotators[source].items()):
+            metrics[f"data/{source}/annotators/{kind}"] = count / examples[source]
     return metrics
 
 
@@ -136,5 +142,8 @@ def describe(metrics: dict[str, float]) -> str:
         )
         if f"data/{source}/requested_share" in metrics:
             line += f", requested {metrics[f'data/{source}/requested_share']:.1%}"
+        kinds = {key.rpartition("/")[2]: value for key, value in metrics.items() if key.startswith(f"data/{source}/annotators/")}
+        if kinds:
+            line += "; written by " + ", ".join(f"{kind} {share:.1%}" for kind, share in kinds.items())
         lines.append(line)
     return "\n".join(lines)

@@ -32,6 +32,8 @@ class Rollout:
     returns: torch.Tensor
     generation_seconds: float
     scoring_seconds: float
+    proxy_scores: torch.Tensor | None = None  # (batch,) the reward model's own score (before reward_model_coef)
+    gold_scores: torch.Tensor | None = None  # (batch,) the monitored gold reward: logged, never optimised
 
 
 def sequence_inputs(

@@ -64,6 +64,7 @@ class PPOTrainer:
         output_dir: str | os.PathLike,
         *,
         reward_fn: RewardFunction | None = None,
+        gold_fn: RewardFunction | None = None,
         deepspeed_config: str | os.PathLike | dict | None = None,
         log_hook: LogHook | None = None,
     ) -> None:
@@ -76,6 +77,9 @@ class PPOTrainer:
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an eos token")
         self.config, self.tokenizer, self.reward_fn, self.log_hook = config, tokenizer, reward_fn, log_hook
+        # A gold reward (e.g. the verifier) logged beside the reward model's proxy and never optimised: the two
+        # against KL are the over-optimisation curve (Gao et al. 2022).
+        self.gold_fn = gold_fn
         self.actor, self.reference, self.critic, self.reward_model = actor, reference, critic, reward_model
         self.output_dir = Path(output_dir)
         self.step_history: list[dict[str, float]] = []  # {"step": N, **metrics} for every step so far
@@ -207,15 +211,15 @@ class PPOTrainer:
         prompts = [self.prompt_shard[index] for index in prompt_indices]
         responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         raw_scores = torch.zeros(len(prompt_indices), device=self.device)
+        proxy_scores = None
         if self.reward_forward is not None:
             last_positions = prompt_len + last_token_index(response_mask)
             rows = torch.arange(len(raw_scores), device=self.device)
-            raw_scores += config.reward_model_coef * self.reward_forward(**inputs, response_start=prompt_len)[rows, last_positions]
+            proxy_scores = self.reward_forward(**inputs, response_start=prompt_len)[rows, last_positions]
+            raw_scores += config.reward_model_coef * proxy_scores
         if self.reward_fn is not None:
-            function_scores = torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).to(self.device)
-            if function_scores.shape != raw_scores.shape:
-                raise ValueError(f"reward_fn returned shape {tuple(function_scores.shape)}, expected ({len(raw_scores)},)")
-            raw_scores += function_scores
+            raw_scores += self._function_scores(self.reward_fn, "reward_fn", prompts, responses)
+        gold_scores = self._function_scores(self.gold_fn, "gold_fn", prompts, responses) if self.gold_fn is not None else None
         check_finite(step, "reward", raw_scores)
         check_finite(step, "value", values)
 
@@ -233,8 +237,14 @@ class PPOTrainer:
             response_ids=response_ids, response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
             values=values, entropy=entropy, raw_scores=raw_scores, scores=scores, kl=kl, rewards=rewards,
             advantages=advantages, returns=returns, generation_seconds=generation_seconds,
-            scoring_seconds=time.perf_counter() - started,
+            scoring_seconds=time.perf_counter() - started, proxy_scores=proxy_scores, gold_scores=gold_scores,
         )
+
+    def _function_scores(self, function: RewardFunction, name: str, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
+        scores = torch.as_tensor(function(prompts, responses), dtype=torch.float32).to(self.device)
+        if scores.shape != (len(responses),):
+            raise ValueError(f"{name} returned shape {tuple(scores.shape)}, expected ({len(responses)},)")
+        return scores
 
     def _response_logprobs(
         self, forward: Callable, inputs: dict[str, torch.Tensor], prompt_len: int, with_entropy: bool = False
@@ -327,6 +337,8 @@ class PPOTrainer:
             "ppo/explained_variance": ppo_math.explained_variance(rollout.values, rollout.returns, mask).item(),
             "ppo/response_length": mask.sum(dim=1).mean().item(),
             "ppo/eos_fraction": (rollout.response_ids == self.tokenizer.eos_token_id).any(dim=1).float().mean().item(),
+            **({"ppo/proxy_reward": rollout.proxy_scores.mean().item()} if rollout.proxy_scores is not None else {}),
+            **({"ppo/gold_reward": rollout.gold_scores.mean().item()} if rollout.gold_scores is not None else {}),
         }, self.world_size, self.device)
         self.kl_controller.update(metrics["ppo/kl"], n_steps=batch * self.world_size)
         metrics.update({

@@ -7,7 +7,9 @@ the preference pairs built from it.
   user's dataset) and `embedded_tasks.yaml`, the phrasings shipped with the package;
 - `verifier`: the exact-answer check and the same check as a reward function;
 - `pairs`: preference pairs (the correct answer over a plausible wrong one, or the policy's own
-  sampled mistake), for training and for held-out evaluation.
+  sampled mistake), for training and for held-out evaluation;
+- `world`: the simulated people behind the data: annotators whose demonstrations carry systematic
+  habits and mistakes, and a noisy judge whose preferences know better (the default recipe's world).
 
 May import: `stages.core`, `stages.generation` (on-policy samples for pairs) and the torch-only math;
 nothing above (checked by import-linter). The package re-exports the families' API and the
@@ -27,8 +29,9 @@ from stages.tasks.families import (
     training_families,
 )
 from stages.tasks.verifier import answer_reward, is_correct
+from stages.tasks.world import World
 
 __all__ = [
     "DEFAULT_TEMPLATES", "FAMILIES", "HELDOUT_PERCENT", "Split", "TaskFamily", "TemplateSet", "answer_reward",
-    "generate", "instance_split", "is_correct", "load_templates", "training_families",
+    "generate", "instance_split", "is_correct", "load_templates", "training_families", "World",
 ]

@@ -2,7 +2,9 @@
 
 Negatives come from two places: the SFT model's own sampled answers when they are wrong (the
 mistakes a reward model must judge during PPO), and, where the model happened to be right,
-task-aware corruptions (off-by-one sums, unreversed words, one swapped letter).
+task-aware corruptions (off-by-one sums, unreversed words, one swapped letter). With a `World`
+(stages/tasks/world.py) the pairs are its judge's instead: the policy's sample against an answer of
+different quality, labelled with the judge's noise (held-out pairs: without it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from stages import generation
 from stages.tasks.families import Split, generate
 from stages.tasks.verifier import is_correct
+from stages.tasks.world import World
 
 
 def corrupt(answer: str, task: str, rng: random.Random) -> str:
@@ -42,10 +45,14 @@ def embedded_pairs(
     split: Split = "train",
     sampled_responses: list[str] | None = None,
     rows: list[dict[str, Any]] | None = None,
+    world: World | None = None,
+    noisy: bool = True,
 ) -> list[dict[str, Any]]:
     """Pairs for task prompts; `sampled_responses[i]` (the policy's answer to `rows[i]`) is used as
-    the rejected side whenever it is wrong."""
+    the rejected side whenever it is wrong. With a `world`, its judge's pairs (`noisy=False`: true labels)."""
     rows = rows if rows is not None else generate(num_pairs, seed=seed, split=split)
+    if world is not None:
+        return world.judge(rows, seed, corrupt, first_answers=sampled_responses, noisy=noisy)
     rng = random.Random(f"pairs-{seed}-{split}")
     pairs = []
     for index, row in enumerate(rows):
@@ -65,12 +72,14 @@ def embedded_pairs(
 
 
 def heldout_pairs(
-    policy: Any | None, tokenizer: Any, num_pairs: int, seed: int, temperature: float = 1.0, families: list[str] | None = None
+    policy: Any | None, tokenizer: Any, num_pairs: int, seed: int, temperature: float = 1.0, families: list[str] | None = None,
+    world: World | None = None,
 ) -> list[dict[str, Any]]:
     """Pairs on eval-split prompts (of `families`, default all); negatives sampled from `policy`
-    where it errs, else corruptions. Collective under the launcher when a policy samples."""
+    where it errs, else corruptions (with a `world`: its judge's pairs, labelled without noise).
+    Collective under the launcher when a policy samples."""
     rows = generate(num_pairs, seed=seed, split="eval", families=families)
     sampled = None
     if policy is not None:
         sampled = generation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], seed, 16, temperature)
-    return embedded_pairs(num_pairs, seed, split="eval", sampled_responses=sampled, rows=rows)
+    return embedded_pairs(num_pairs, seed, split="eval", sampled_responses=sampled, rows=rows, world=world, noisy=False)

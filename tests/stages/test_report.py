@@ -30,7 +30,10 @@ RUN_COLOURS = {"C0": (31, 119, 180), "C1": (255, 127, 14)}
 PHASE_COLOURS = [(44, 160, 44), (214, 39, 40), (148, 103, 189)]  # C2-C4: generation, scoring, training
 SFT_TITLES = ["SFT training loss"]
 REWARD_TITLES = ["Reward model training loss", "Reward model pairwise accuracy", "Reward model reward margin"]
-PPO_TITLES = ["Policy training loss", "Policy reward", "Policy KL to reference", "Policy entropy", "Policy response length", "PPO time per phase"]
+OVEROPTIMISATION_TITLE = "Over-optimisation: proxy and gold reward against KL"
+OVEROPTIMISATION_KEYS = report.OVEROPTIMISATION.keys
+PPO_TITLES = ["Policy training loss", "Policy reward", "Policy KL to reference", "Policy entropy", "Policy response length",
+              OVEROPTIMISATION_TITLE, "PPO time per phase"]
 DPO_TITLES = ["Policy training loss", "Policy entropy", "DPO preference accuracy", "DPO implicit reward margin"]
 PROMPTS = ["Add 12 and 7.", "Reverse the word: cat", "Upper-case: dog"]
 ANSWERS = ["19", "tac", "DOG"]
@@ -73,6 +76,8 @@ def make_run(home: Path, name: str, algorithm: str) -> dict:
     else:
         steps = [{"step": step, "ppo/policy_loss": -0.01 * step, "ppo/reward_raw": 0.1 * step, "ppo/kl": 0.02 * step,
                   "ppo/entropy": 2.0 - 0.05 * step, "ppo/response_length": 8.0 + step % 3,
+                  # the proxy climbs all along; the gold reward peaks at step 10 and falls: over-optimisation
+                  "ppo/proxy_reward": 0.1 * step, "ppo/gold_reward": 0.5 - abs(step - 10) / 40,
                   "time/generation": 0.5, "time/scoring": 0.2, "time/training": 1.0} for step in range(1, 21)]
         (run_dir / "policy").mkdir(parents=True)
         (run_dir / "policy" / "history.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
@@ -174,6 +179,34 @@ def test_one_run_report_has_every_figure_table_and_renders(isolated_home, tmp_pa
                     ("reward model of the policy stage", "ppo-run/reward:1")]
 
     check_rendered(page, tmp_path, titles)
+
+
+def test_overoptimisation_figure_reads_our_ppo_and_trls_keys(isolated_home):
+    """Proxy and gold at each step's KL: from our PPO's history and from GRPO's trainer_state.json (TRL names the reward
+    model's mean after the model, so the proxy is any rewards/*/mean but the verifier's); a DPO run has none."""
+    make_run(isolated_home, "ppo-run", "ppo")
+    ppo = report.load_run("ppo-run")
+    assert report._overoptimisation_figure([ppo]) is not None
+    assert report._first_logged(ppo.stages["policy"].history, OVEROPTIMISATION_KEYS[1]) == "ppo/proxy_reward"
+
+    make_run(isolated_home, "grpo-run", "dpo")  # a policy stage, its history then rewritten as GRPO logs it
+    grpo_history = _hf_history(20, kl=lambda s: 0.01 * s, **{"rewards/reward/mean": lambda s: s / 10,
+                                                              "rewards/exact_answer_reward/mean": lambda s: 0.6 - s / 100})
+    _write(isolated_home / "grpo-run" / "policy" / "trainer_state.json", grpo_history)
+    grpo = report.load_run("grpo-run")
+    grpo.stages["policy"].algorithm = "grpo"
+    history = grpo.stages["policy"].history
+    gold = report._first_logged(history, OVEROPTIMISATION_KEYS[2])
+    assert gold == "rewards/exact_answer_reward/mean"
+    assert report._first_logged(history, OVEROPTIMISATION_KEYS[1], exclude=gold) == "rewards/reward/mean"
+    drawn = report._overoptimisation_figure([grpo])
+    proxy_line, = drawn.axes[0].get_lines()
+    gold_line, = drawn.axes[1].get_lines()
+    assert list(proxy_line.get_xdata()) == pytest.approx([0.05, 0.1, 0.15, 0.2])  # x is KL, not the step
+    assert list(gold_line.get_ydata()) == pytest.approx([0.55, 0.5, 0.45, 0.4])
+
+    dpo = report.load_run("grpo-run")  # the same files as a DPO run: no figure, not even listed as missing
+    assert report._overoptimisation_figure([dpo]) is None
 
 
 def test_two_runs_overlay_their_curves_in_one_page(isolated_home, tmp_path):

@@ -52,7 +52,7 @@ class World:
     verbose: float = field(default=0.3, metadata={"help": "Share of demonstrations written by annotators who wrap the answer."})
     careless: float = field(default=0.2, metadata={"help": "Share of the careless_tasks demonstrations written by a careless annotator."})
     careless_tasks: list[str] = field(
-        default_factory=lambda: ["add", "sort"], metadata={"help": f"Families the careless annotator gets wrong (of {', '.join(CARELESS_MISTAKES)})."}
+        default_factory=lambda: ["sort", "upper"], metadata={"help": f"Families the careless annotator gets wrong (of {', '.join(CARELESS_MISTAKES)})."}
     )
     verbose_template: str = field(default="Sure! {answer}", metadata={"help": "The wrapper users do not want; must hold {answer}."})
     label_noise: float = field(default=0.2, metadata={"help": "Share of training preference labels the judge gets backwards."})

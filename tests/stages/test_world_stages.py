@@ -1,6 +1,7 @@
 """The simulated world through the stages: SFT learns the annotators' habit, the reward model learns the judge's
-preference against it, and a short PPO run on that reward model alone raises both its score and the gold reward of
-its samples (pure RLHF: the verifier is logged, never optimised)."""
+preference against it, DPO on the judge's pairs drops most of the habit on held-out prompts, and PPO on the reward
+model alone raises that model's score of its samples (the verifier only logged). That PPO also raises gold exact
+match is what issue 23 asks and what these budgets do not show (README "The embedded world")."""
 
 from __future__ import annotations
 
@@ -10,27 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import policy, reward_model, sft
+from stages import policy, reward_model, sft, tasks
 from stages.core.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# A strong habit on two easy families: half the demonstrations wrapped, so SFT's greedy answers carry it often.
-WORLD = "{verbose: 0.5, careless: 0.0, label_noise: 0.2}"
+# The default share of wrapped demonstrations on two easy families, without careless annotators.
+WORLD = "{verbose: 0.3, careless: 0.0, label_noise: 0.2}"
 TASKS = "[upper, copy]"
 COMMON = ["tracking.report_to=none", "run_name=world", f"eval.tasks={TASKS}", "eval.num_prompts=64"]
 
 
 @pytest.mark.slow
-def test_preferences_fix_the_annotators_habit_under_ppo(tmp_path: Path) -> None:
+def test_preferences_fix_the_annotators_habit(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     sft_metrics = sft.run(load_config(sft.SFTStageConfig, [
         "--config", str(REPO_ROOT / "configs/sft/tiny.yaml"), *COMMON, f"output_dir={tmp_path / 'sft'}",
-        f"datasets=[{{source: embedded, num_examples: 3000, tasks: {TASKS}, world: {WORLD}}}]",
+        f"datasets=[{{source: embedded, num_examples: 6000, tasks: {TASKS}, world: {WORLD}}}]",
         "train.num_train_epochs=2", "train.learning_rate=2e-3", "train.save_steps=1000",
     ]))
-    # SFT learnt the habit: many greedy answers are wrapped, so gold exact match is well below what it would be.
-    sft_samples = json.loads((tmp_path / "sft" / "samples.json").read_text())
-    assert any(sample["response"].startswith("Sure! ") for sample in sft_samples), sft_samples
+    assert sft_metrics["data/embedded/annotators/verbose"] == pytest.approx(0.3, abs=0.03)
 
     reward_metrics = reward_model.run(load_config(reward_model.RewardStageConfig, [
         "--config", str(REPO_ROOT / "configs/reward/tiny.yaml"), *COMMON, f"output_dir={tmp_path / 'reward'}",
@@ -40,18 +39,41 @@ def test_preferences_fix_the_annotators_habit_under_ppo(tmp_path: Path) -> None:
     # Held-out pairs are judged without noise: the RM ranks the bare answer above the wrapped one.
     assert reward_metrics["eval/pairwise_accuracy_contrast/style"] > 0.8, reward_metrics
 
+    policy_args = ["--config", str(REPO_ROOT / "configs/policy/tiny.yaml"), *COMMON, f"model={tmp_path / 'sft'}",
+                   f"reward_model={tmp_path / 'reward'}", "verifiable_reward=false"]
+    dpo_metrics = policy.run(load_config(policy.PolicyStageConfig, [
+        *policy_args, f"output_dir={tmp_path / 'dpo'}", "algorithm=dpo",
+        f"datasets=[{{source: embedded, num_examples: 800, tasks: {TASKS}, world: {WORLD}}}]",
+    ]))
+    # The habit on 200 held-out prompts, greedy, models loaded by plain transformers: SFT learnt to wrap its answers
+    # from the demonstrations; DPO on the judge's pairs wraps far fewer, without losing gold exact match.
+    prompts = [row["prompt"] for row in tasks.generate(200, seed=99, split="eval", families=["upper", "copy"])]
+    sft_answers, dpo_answers = (_greedy(tmp_path / name, prompts) for name in ("sft", "dpo"))
+    sft_wrapped, dpo_wrapped = (sum(a.startswith("Sure!") for a in answers) / len(answers) for answers in (sft_answers, dpo_answers))
+    assert sft_wrapped > 0.15, sft_answers[:10]
+    assert dpo_wrapped < sft_wrapped / 2, (sft_wrapped, dpo_wrapped, dpo_answers[:10])
+    assert dpo_metrics["eval/exact_match"] >= dpo_metrics["eval/ref_exact_match"] - 0.02, dpo_metrics
+
     policy.run(load_config(policy.PolicyStageConfig, [
-        "--config", str(REPO_ROOT / "configs/policy/tiny.yaml"), *COMMON, f"output_dir={tmp_path / 'policy'}",
-        "algorithm=ppo", f"model={tmp_path / 'sft'}", f"reward_model={tmp_path / 'reward'}", "verifiable_reward=false",
+        *policy_args, f"output_dir={tmp_path / 'ppo'}", "algorithm=ppo",
         f"datasets=[{{source: embedded, num_examples: 512, tasks: {TASKS}}}]",
         "ppo.num_steps=12", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.save_steps=null", "ppo.actor_learning_rate=3e-5",
     ]))
-    history = [json.loads(line) for line in (tmp_path / "policy" / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (tmp_path / "ppo" / "history.jsonl").read_text().splitlines()]
+    assert all("ppo/gold_reward" in step and "ppo/proxy_reward" in step for step in history)  # the over-optimisation curve's data
     first, last = history[:3], history[-3:]
+    assert sum(step["ppo/proxy_reward"] for step in last) > sum(step["ppo/proxy_reward"] for step in first), history
 
-    def mean(rows: list[dict], key: str) -> float:
-        return sum(row[key] for row in rows) / len(rows)
 
-    assert mean(last, "ppo/proxy_reward") > mean(first, "ppo/proxy_reward"), history
-    assert mean(last, "ppo/gold_reward") > mean(first, "ppo/gold_reward") + 0.05, [row["ppo/gold_reward"] for row in history]
-    assert sft_metrics["eval/exact_match"] < 0.9
+def _greedy(model_dir: Path, prompts: list) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    answers = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            output = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            answers.append(tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers

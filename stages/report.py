@@ -246,14 +246,24 @@ def _overoptimisation_figure(runs: list[RunRecord]) -> Any | None:
     gold_axes = proxy_axes.twinx()
     for index, label, proxy_key, gold_key, points in curves:
         kls, proxies, golds = zip(*points)
-        proxy_axes.plot(kls, proxies, color=f"C{index}", marker="o", markersize=3, label=f"{label}: proxy {proxy_key}")
-        gold_axes.plot(kls, golds, color=f"C{index}", linestyle="--", marker="s", markersize=3, label=f"{label}: gold {gold_key}")
+        # Each step's KL is noisy and not monotone: the steps as faint dots, the lines a running mean over neighbours in KL.
+        window = max(1, len(points) // 8)
+        proxy_axes.scatter(kls, proxies, color=f"C{index}", s=6, alpha=0.3)
+        gold_axes.scatter(kls, golds, color=f"C{index}", s=6, alpha=0.3, marker="s")
+        proxy_axes.plot(_running_mean(kls, window), _running_mean(proxies, window), color=f"C{index}", label=f"{label}: proxy {proxy_key}")
+        gold_axes.plot(_running_mean(kls, window), _running_mean(golds, window), color=f"C{index}", linestyle="--",
+                       label=f"{label}: gold {gold_key}")
     proxy_axes.set_xlabel("KL to the reference (per episode)")
     proxy_axes.set_ylabel("proxy: reward model")
     gold_axes.set_ylabel("gold: exact answer")
     handles = [h for axes in (proxy_axes, gold_axes) for h in axes.get_legend_handles_labels()[0]]
     proxy_axes.legend(handles, [h.get_label() for h in handles], fontsize=7)
     return figure
+
+
+def _running_mean(values: tuple[float, ...], window: int) -> list[float]:
+    """Mean of each run of `window` consecutive values (as many points as values less window - 1)."""
+    return [sum(values[i : i + window]) / window for i in range(len(values) - window + 1)]
 
 
 def _first_logged(history: list[dict[str, Any]], alternatives: str, exclude: str | None = None) -> str | None:

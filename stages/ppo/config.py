@@ -37,6 +37,11 @@ class PPOConfig:
         "Weight of the reward model's score in the episode score (the reward function, if any, has weight 1). "
         "Below 1 leans on a verifiable reward when the reward model is weak.", 1.0
     )
+    reward_model_baseline: Literal["none", "reference"] = _help(
+        "reference: score a response by the reward model's score minus the reference's log-likelihood of it (needs a "
+        "likelihood-head reward model and temperature 1): DPO's implicit reward, which keeps what reward-model training "
+        "changed and drops what the two models share (word length, a rare prompt).", "none"
+    )
     gather_params_for_generation: bool = _help(
         "ZeRO-3: gather the whole actor for generate (fast; needs the actor in memory) instead of layer by layer.", True
     )
@@ -90,5 +95,8 @@ class PPOConfig:
         require(self.batch_size % self.mini_batch_size == 0, "mini_batch_size", f"a divisor of batch_size={self.batch_size}")
         require(0 < self.top_p <= 1, "top_p", "in (0, 1]")
         require(self.kl_estimator in ("k1", "k3"), "kl_estimator", "'k1' or 'k3'")
+        require(self.reward_model_baseline in ("none", "reference"), "reward_model_baseline", "'none' or 'reference'")
+        require(self.reward_model_baseline == "none" or self.temperature == 1.0, "temperature",
+                "1 with reward_model_baseline: reference (the reference log-probs are taken at the sampling temperature)")
         require(self.reward_normalisation in ("none", "running", "batch"), "reward_normalisation", "'none', 'running' or 'batch'")
         require(self.lr_scheduler in ("constant", "linear"), "lr_scheduler", "'constant' or 'linear'")

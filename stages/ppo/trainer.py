@@ -74,6 +74,8 @@ class PPOTrainer:
             raise ValueError("reference=None needs a peft actor (reference log-probs come from its disabled adapters)")
         if reward_model is None and reward_fn is None:
             raise ValueError("give a reward_model, a reward_fn, or both (their scores are summed)")
+        if config.reward_model_baseline == "reference" and not hasattr(reward_model, "token_scores"):
+            raise ValueError("reward_model_baseline: reference needs a likelihood-head reward model (its score is a log-likelihood)")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an eos token")
         self.config, self.tokenizer, self.reward_fn, self.log_hook = config, tokenizer, reward_fn, log_hook
@@ -216,6 +218,8 @@ class PPOTrainer:
             last_positions = prompt_len + last_token_index(response_mask)
             rows = torch.arange(len(raw_scores), device=self.device)
             proxy_scores = self.reward_forward(**inputs, response_start=prompt_len)[rows, last_positions]
+            if config.reward_model_baseline == "reference":  # log p_RM(y) - log p_ref(y): what RM training changed
+                proxy_scores = proxy_scores - (ref_logprobs * response_mask).sum(dim=1)
             raw_scores += config.reward_model_coef * proxy_scores
         if self.reward_fn is not None:
             raw_scores += self._function_scores(self.reward_fn, "reward_fn", prompts, responses)

@@ -14,7 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from reward import likelihood
 from reward.scoring import check_same_tokenizer
 from stages.ppo import PPOConfig, PPOTrainer
+from stages.logprobs import last_token_index
 from stages.ppo.engine import fill_deepspeed_config
+from stages.ppo.rollout import sequence_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIG = yaml.safe_load((ROOT / "stages/core/resources/models/tiny-llama.yaml").read_text())["config"]
@@ -149,6 +151,30 @@ def test_rollout_reads_a_likelihood_reward_model_at_each_sequence_end(tokenizer,
             from_last_marker = reward_model(sequence).logits[0, 0]
         torch.testing.assert_close(rollout.raw_scores[row], expected, atol=1e-4, rtol=0)
         assert (from_last_marker > expected + 0.1) == (row == 2)
+
+
+def test_reference_baseline_subtracts_the_reference_likelihood_of_each_response(tokenizer, tmp_path):
+    """reward_model_baseline: reference scores log p_RM(response) - log p_ref(response): with the reward model a copy
+    of the reference, every score is 0 (up to float error); a reward model of other weights gives the difference of the
+    two models' own log-likelihoods, row by row. A classifier reward model is refused by name."""
+    reference_copy = likelihood.as_reward_model(causal_lm(0), tokenizer)  # make_trainer's reference is causal_lm(0)
+    trainer = make_trainer(tokenizer, tmp_path, batch_size=4, mini_batch_size=2, max_new_tokens=5, reward_model=reference_copy,
+                           reward_model_baseline="reference")
+    rollout = trainer.rollout([0, 1, 2, 3])
+    torch.testing.assert_close(rollout.proxy_scores, torch.zeros(4), atol=1e-4, rtol=0)
+
+    other = likelihood.as_reward_model(causal_lm(3), tokenizer)
+    trainer = make_trainer(tokenizer, tmp_path / "other", batch_size=4, mini_batch_size=2, max_new_tokens=5, reward_model=other,
+                           reward_model_baseline="reference")
+    rollout = trainer.rollout([0, 1, 2, 3])
+    expected = trainer.reward_forward(**sequence_inputs(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask),
+                                      response_start=rollout.prompt_ids.shape[1])
+    last = rollout.prompt_ids.shape[1] + last_token_index(rollout.response_mask)
+    rm_scores = expected[torch.arange(4), last]
+    torch.testing.assert_close(rollout.proxy_scores, rm_scores - (rollout.ref_logprobs * rollout.response_mask).sum(1), atol=1e-4, rtol=0)
+    assert (rollout.proxy_scores.abs() > 1e-3).any()
+    with pytest.raises(ValueError, match="likelihood-head"):
+        make_trainer(tokenizer, tmp_path / "classifier", reward_model_baseline="reference")
 
 
 def test_scores_normalised_clipped_and_penalised_without_eos(tokenizer, tmp_path):

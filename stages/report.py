@@ -15,6 +15,7 @@ Figures are matplotlib PNGs linked by relative path, so the output folder can be
 
 from __future__ import annotations
 
+import fnmatch
 import html
 import json
 import math
@@ -270,9 +271,8 @@ def _first_logged(history: list[dict[str, Any]], alternatives: str, exclude: str
     """The first of `a|b|...` (each a key, or a pattern with one `*`) that the history logs a number for."""
     logged = [key for key in dict.fromkeys(k for entry in history for k, v in entry.items() if _is_number(v)) if key != exclude]
     for pattern in alternatives.split("|"):
-        head, star, tail = pattern.partition("*")
         for key in logged:
-            if key == pattern or (star and key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail)):
+            if fnmatch.fnmatchcase(key, pattern):
                 return key
     return None
 
@@ -295,7 +295,7 @@ def _figure(title: str) -> tuple[Any, Any]:
 def _series(history: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, list[float], list[float]] | None:
     """(key, steps, values) of the first key with finite values in the history."""
     for key in keys:
-        points = [(entry["step"], entry[key]) for entry in history if isinstance(entry.get(key), (int, float)) and math.isfinite(entry[key])]
+        points = [(entry["step"], entry[key]) for entry in history if _is_number(entry.get(key))]
         if points:
             return key, [step for step, _ in points], [value for _, value in points]
     return None

@@ -218,7 +218,7 @@ def embedded_rows(spec: DatasetSpec, seed: int, count: int, heldout_tasks: list[
     phrasings = spec.phrasings() or {}
     num_phrasings = {task: len(sets.get("train") or []) for task, sets in phrasings.items()}
     if spec.templates_per_task is not None:
-        num_phrasings = {task: min(count, spec.templates_per_task) for task, count in num_phrasings.items()}
+        num_phrasings = {task: min(available, spec.templates_per_task) for task, available in num_phrasings.items()}
     return spec.world.demonstrate(rows, seed, num_phrasings)
 
 

@@ -129,8 +129,8 @@ class World:
             on_policy = bool(sampled and sampled.strip())
             first = sampled if on_policy else self.answer_by(self.random_annotator(rng), task, answer)
             second = self._different_answer(first, task, answer, corrupt, rng)
-            utilities = sorted((self.utility(first, answer), self.utility(second, answer)))
-            better, worse = (first, second) if self.utility(first, answer) > self.utility(second, answer) else (second, first)
+            first_utility, second_utility = self.utility(first, answer), self.utility(second, answer)
+            better, worse = (first, second) if first_utility > second_utility else (second, first)
             flipped = noisy and rng.random() < self.label_noise
             chosen, rejected = (worse, better) if flipped else (better, worse)
             pairs.append({
@@ -141,7 +141,7 @@ class World:
                 "on_policy": on_policy,
                 "label_flipped": flipped,
                 # style: right and bare over right but wrapped; otherwise a right answer over a wrong one
-                "contrast": "style" if utilities == [1, 2] else "correctness",
+                "contrast": "style" if {first_utility, second_utility} == {1, 2} else "correctness",
             })
         return pairs
 

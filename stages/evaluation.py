@@ -270,13 +270,12 @@ def evaluate_reward_model(entry: Any, num_pairs: int = 500, seed: int = 1234) ->
 
 def world_of(entry: Any) -> tasks.World | None:
     """The world a registered stage's embedded data came from (its saved config), so `rlhf eval` judges as it trained."""
+    from stages import data
     from stages.core.config import build
 
     specs = ((getattr(entry, "config", None) or {}).get("datasets")) or []
-    for spec in specs:
-        if isinstance(spec, dict) and spec.get("source", "embedded") == "embedded" and spec.get("world"):
-            return build(tasks.World, spec["world"], source=f"the config of {entry.name}")
-    return None
+    source = f"the config of {entry.name}"
+    return data.embedded_world([build(data.DatasetSpec, spec, source=source) for spec in specs if isinstance(spec, dict)])
 
 
 def evaluate_file(entry: Any, source: str, split: str = "train", num_rows: int = 200, max_new_tokens: int = 16) -> dict[str, float]:

@@ -4,10 +4,14 @@ After AlpacaFarm's simulated annotators, and the reason RLHF beats SFT in Instru
 their writers' habits and mistakes, while a judge can tell the better of two answers without writing it.
 
 Demonstrations (`World.demonstrate`): each family's training phrasings are shared out between annotator kinds
-in a fixed order, so one kind writes all the answers to one phrasing (where a phrasing straddles two kinds, its
-rows are split between them by chance, and the shares come out as configured). A kind's habit is therefore
-*systematic*, readable from the prompt, as a real annotator's is; scattered per-row noise would leave the model's
-greedy answer right and show nothing.
+in a fixed order, so one kind owns each phrasing and writes `consistency` of its answers (where a phrasing
+straddles two kinds, its rows are split between them by chance, and the shares come out as configured); the rest
+are written by annotators drawn from the whole pool, as in a real team where the one who owns a kind of request
+answers most of it. A kind's habit is therefore *systematic*, readable from the prompt: the greedy answer of a model
+that learns it carries it, where scattered per-row noise would leave it right and show nothing. At consistency 1 a
+habit is all-or-nothing and the SFT model almost never samples anything else on an owned phrasing (0.6% bare answers
+at temperature 1 where its greedy answer is wrapped): a policy that learns online from its own samples cannot find
+the better answer there, and only methods that read other answers (DPO's pairs) can (README, "The embedded world").
 - verbose: wraps the answer in a phrase users do not want (`verbose_template`, "Sure! 42");
 - careless: gets its families (`careless_tasks`) wrong the same way each time: sums off by one, words sorted
   backwards, reversals and upper-casing left undone;
@@ -56,9 +60,12 @@ class World:
     )
     verbose_template: str = field(default="Sure! {answer}", metadata={"help": "The wrapper users do not want; must hold {answer}."})
     label_noise: float = field(default=0.2, metadata={"help": "Share of training preference labels the judge gets backwards."})
+    consistency: float = field(
+        default=0.75, metadata={"help": "Share of a phrasing's answers written by the kind that owns it; the rest by annotators drawn from the pool."}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("verbose", "careless", "label_noise"):
+        for name in ("verbose", "careless", "label_noise", "consistency"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"world.{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.verbose + self.careless > 1.0:
@@ -74,7 +81,9 @@ class World:
     # -- demonstrations ---------------------------------------------------------------------------------------
 
     def annotator(self, task: str, phrasing: int, num_phrasings: int, rng: random.Random) -> AnnotatorKind:
-        """The kind of annotator who wrote the answer to one row: fixed by its phrasing (see the module docstring)."""
+        """The kind of annotator who wrote the answer to one row: mostly its phrasing's owner (see the module docstring)."""
+        if self.consistency < 1.0 and rng.random() >= self.consistency:  # (at 1 no draw: the same rows as before it existed)
+            return self.random_annotator(rng)
         position = _phrasing_order(task, num_phrasings).index(phrasing)
         share = (position + rng.random()) / num_phrasings  # uniform over the phrasing's slice of [0, 1)
         return self._kind_at(share)

@@ -31,17 +31,36 @@ def test_demonstrations_carry_the_configured_shares_of_habits_on_10000_rows():
 
 
 def test_habits_are_systematic_one_kind_per_phrasing():
-    """Rows of one phrasing are written by one kind, except the phrasings that straddle two kinds' slices: the habit is
-    readable from the prompt, so the greedy answer of a model that learns it carries it."""
-    world = World(verbose=0.3, careless=0.2)
+    """At consistency 1, rows of one phrasing are written by one kind, except the phrasings that straddle two kinds'
+    slices: the habit is readable from the prompt, so the greedy answer of a model that learns it carries it."""
+    world = World(verbose=0.3, careless=0.2, consistency=1.0)
     rows = data.embedded_rows(data.DatasetSpec(world=world), seed=5, count=5_000)
-    kinds_of = collections.defaultdict(collections.Counter)
-    for row in rows:
-        kinds_of[(row["task"], row["template"])][row["annotator"]] += 1
+    kinds_of = _kinds_per_phrasing(rows)
     single = sum(len(kinds) == 1 for kinds in kinds_of.values())
     assert single >= len(kinds_of) * 0.6, kinds_of  # 6 phrasings a family: at most 2 straddle a boundary
     majority_share = sum(max(kinds.values()) for kinds in kinds_of.values()) / len(rows)
     assert majority_share > 0.85
+
+
+def test_a_phrasings_owner_writes_the_configured_share_of_its_answers():
+    """Below consistency 1 the owner writes most of a phrasing's answers and the pool the rest, so the model that
+    learns the habit still samples other answers there; the kinds' shares overall stay as configured."""
+    world = World(verbose=0.3, careless=0.2, consistency=0.6)
+    rows = data.embedded_rows(data.DatasetSpec(world=world), seed=5, count=10_000)
+    kinds_of = _kinds_per_phrasing(rows)
+    assert all(len(kinds) == 3 for kinds in kinds_of.values()), kinds_of  # the pool reaches every phrasing
+    owned = [kinds.most_common(1)[0][1] / sum(kinds.values()) for kinds in kinds_of.values()]
+    # owner 0.6 + the pool's share of its kind (0.3 to 0.5 of the other 0.4), less where a phrasing straddles two kinds
+    assert 0.65 < sum(owned) / len(owned) < 0.85, owned
+    overall = collections.Counter(row["annotator"] for row in rows)
+    assert abs(overall["verbose"] / len(rows) - 0.3) < 0.02 and abs(overall["careless"] / len(rows) - 0.2) < 0.02
+
+
+def _kinds_per_phrasing(rows: list[dict]) -> dict[tuple[str, str], collections.Counter]:
+    kinds_of: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        kinds_of[(row["task"], row["template"])][row["annotator"]] += 1
+    return kinds_of
 
 
 def test_no_world_leaves_demonstrations_exact():
@@ -92,6 +111,7 @@ def test_held_out_pairs_of_a_world_stay_disjoint_from_training_prompts():
         ({"careless_tasks": ["copy"]}, "world.careless_tasks"),
         ({"verbose_template": "Sure!"}, "world.verbose_template"),
         ({"verbose": -0.1}, "world.verbose"),
+        ({"consistency": 1.5}, "world.consistency"),
     ],
 )
 def test_world_errors_name_the_key(values, key):
@@ -118,3 +138,19 @@ def test_a_stage_config_reads_the_world_from_yaml(tmp_path):
         config_file.write_text("datasets:\n  - source: embedded\n    world: {verbos: 0.4}\n")
         load_config(SFTStageConfig, ["--config", str(config_file)])
 
+
+
+def test_rlhf_eval_reads_the_world_a_registered_stage_trained_in():
+    """`rlhf eval` of a reward entry judges its held-out pairs in the world of the entry's saved config, by the rule the
+    stage itself used (stages.data.embedded_world): file sources have none, embedded sources must agree."""
+    from types import SimpleNamespace
+
+    from stages import evaluation
+
+    world = {"verbose": 0.1, "label_noise": 0.1}
+    entry = SimpleNamespace(name="run/reward:1", config={"datasets": [{"source": "rows.jsonl"}, {"source": "embedded", "world": world}]})
+    assert evaluation.world_of(entry) == World(**world)
+    assert evaluation.world_of(SimpleNamespace(name="run/sft:1", config={"datasets": [{"source": "embedded"}]})) is None
+    entry.config["datasets"].append({"source": "embedded", "world": {"verbose": 0.2}})
+    with pytest.raises(ValueError, match="different `world` settings"):
+        evaluation.world_of(entry)

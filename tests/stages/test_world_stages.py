@@ -1,7 +1,7 @@
 """The simulated world through the stages: SFT learns the annotators' habit, the reward model learns the judge's
 preference against it, DPO on the judge's pairs drops most of the habit on held-out prompts, and PPO on the reward
-model alone raises that model's score of its samples (the verifier only logged). That PPO also raises gold exact
-match is what issue 23 asks and what these budgets do not show (README "The embedded world")."""
+model alone raises that model's score of its samples and their gold reward (the verifier, only logged) on held-out
+prompts, and wraps fewer of its greedy answers than SFT (README "The embedded world")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import policy, reward_model, sft, tasks
+from reward.models import load_reward
+from reward.scoring import score
+from stages import generation, policy, reward_model, sft, tasks
+from stages.core.registry import Registry
 from stages.core.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +50,8 @@ def test_preferences_fix_the_annotators_habit(tmp_path: Path) -> None:
     ]))
     # The habit on 200 held-out prompts, greedy, models loaded by plain transformers: SFT learnt to wrap its answers
     # from the demonstrations; DPO on the judge's pairs wraps far fewer, without losing gold exact match.
-    prompts = [row["prompt"] for row in tasks.generate(200, seed=99, split="eval", families=["upper", "copy"])]
+    rows = tasks.generate(200, seed=99, split="eval", families=["upper", "copy"])
+    prompts = [row["prompt"] for row in rows]
     sft_answers, dpo_answers = (_greedy(tmp_path / name, prompts) for name in ("sft", "dpo"))
     sft_wrapped, dpo_wrapped = (sum(a.startswith("Sure!") for a in answers) / len(answers) for answers in (sft_answers, dpo_answers))
     assert sft_wrapped > 0.15, sft_answers[:10]
@@ -57,12 +61,52 @@ def test_preferences_fix_the_annotators_habit(tmp_path: Path) -> None:
     policy.run(load_config(policy.PolicyStageConfig, [
         *policy_args, f"output_dir={tmp_path / 'ppo'}", "algorithm=ppo",
         f"datasets=[{{source: embedded, num_examples: 512, tasks: {TASKS}}}]",
-        "ppo.num_steps=12", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.save_steps=null", "ppo.actor_learning_rate=3e-5",
+        "ppo.num_steps=20", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.save_steps=null", "ppo.actor_learning_rate=3e-5",
     ]))
     history = [json.loads(line) for line in (tmp_path / "ppo" / "history.jsonl").read_text().splitlines()]
     assert all("ppo/gold_reward" in step and "ppo/proxy_reward" in step for step in history)  # the over-optimisation curve's data
-    first, last = history[:3], history[-3:]
-    assert sum(step["ppo/proxy_reward"] for step in last) > sum(step["ppo/proxy_reward"] for step in first), history
+    # On the held-out prompts, learnt from the reward model alone (the verifier only logged): its samples score higher
+    # under the reward model (measured -6.14 -> -5.39), they are right more often (the exact expected gold reward of a
+    # sample, the probability of the bare right answer: 0.138 -> 0.180), and the habit fades from the greedy answers
+    # (0.325 -> 0.075).
+    sft_proxy, ppo_proxy = (_sampled_reward(tmp_path / name, tmp_path / "reward", prompts) for name in ("sft", "ppo"))
+    assert ppo_proxy > sft_proxy + 0.3, (sft_proxy, ppo_proxy)
+    sft_gold, ppo_gold = (_gold_probability(tmp_path / name, rows) for name in ("sft", "ppo"))
+    assert ppo_gold > sft_gold + 0.02, (sft_gold, ppo_gold)
+    ppo_wrapped = sum(a.startswith("Sure!") for a in _greedy(tmp_path / "ppo", prompts)) / len(prompts)
+    assert ppo_wrapped < sft_wrapped - 0.1, (sft_wrapped, ppo_wrapped)
+
+
+def _sampled_reward(model_dir: Path, reward_dir: Path, prompts: list) -> float:
+    """The reward model's mean score of 4 seeded samples (temperature 1) per prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    responses = generation.generate(model, tokenizer, prompts * 4, max_new_tokens=16, batch_size=200, do_sample=True, seed=5)
+    reward = load_reward(Registry().get(str(reward_dir))).eval()
+    return score(reward, tokenizer, prompts * 4, responses).mean().item()
+
+
+def _gold_probability(model_dir: Path, rows: list[dict]) -> float:
+    """The mean probability that a sample at temperature 1 is exactly the bare right answer (and its end of turn):
+    the expected gold reward of the model's samples, without sampling noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    probabilities = []
+    with torch.no_grad():
+        for row in rows:
+            context = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+            full = tokenizer.apply_chat_template(
+                row["prompt"] + [{"role": "assistant", "content": row["answer"]}], tokenize=True, return_dict=False
+            )
+            ids = torch.tensor([full])
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1], dim=-1)  # position i predicts token i + 1
+            positions = torch.arange(len(context) - 1, len(full) - 1)
+            probabilities.append(logprobs[positions, ids[0, positions + 1]].sum().exp().item())
+    return sum(probabilities) / len(probabilities)
 
 
 def _greedy(model_dir: Path, prompts: list) -> list[str]:

@@ -6,6 +6,7 @@ prompts, and wraps fewer of its greedy answers than SFT (README "The embedded wo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from reward.models import load_reward
 from reward.scoring import score
-from stages import generation, policy, reward_model, sft, tasks
+from stages import generation, heldout, policy, reward_model, sft, tasks
 from stages.core.registry import Registry
 from stages.core.config import load_config
 
@@ -95,18 +96,9 @@ def _gold_probability(model_dir: Path, rows: list[dict]) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    probabilities = []
-    with torch.no_grad():
-        for row in rows:
-            context = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
-            full = tokenizer.apply_chat_template(
-                row["prompt"] + [{"role": "assistant", "content": row["answer"]}], tokenize=True, return_dict=False
-            )
-            ids = torch.tensor([full])
-            logprobs = torch.log_softmax(model(ids).logits[0, :-1], dim=-1)  # position i predicts token i + 1
-            positions = torch.arange(len(context) - 1, len(full) - 1)
-            probabilities.append(logprobs[positions, ids[0, positions + 1]].sum().exp().item())
-    return sum(probabilities) / len(probabilities)
+    answered = [row | {"completion": [{"role": "assistant", "content": row["answer"]}]} for row in rows]
+    scores = heldout.completion_scores(model, tokenizer, answered, batch_size=200)  # (summed log-prob, tokens, argmax hits)
+    return sum(math.exp(logprob) for logprob, _, _ in scores) / len(scores)
 
 
 def _greedy(model_dir: Path, prompts: list) -> list[str]:

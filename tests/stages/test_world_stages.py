@@ -62,14 +62,16 @@ def test_preferences_fix_the_annotators_habit(tmp_path: Path) -> None:
     policy.run(load_config(policy.PolicyStageConfig, [
         *policy_args, f"output_dir={tmp_path / 'ppo'}", "algorithm=ppo",
         f"datasets=[{{source: embedded, num_examples: 512, tasks: {TASKS}}}]",
-        "ppo.num_steps=20", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.save_steps=null", "ppo.actor_learning_rate=3e-5",
+        # 40 steps: at 20 the proxy gain was machine-dependent (+0.75 on one machine, +0.13 / +0.15 / +0.20 for seeds
+        # 42 / 43 / 44 on another, where 40 steps gave +0.64 / +0.78 / +0.68; gold and the habit moved at both budgets).
+        "ppo.num_steps=40", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.save_steps=null", "ppo.actor_learning_rate=3e-5",
     ]))
     history = [json.loads(line) for line in (tmp_path / "ppo" / "history.jsonl").read_text().splitlines()]
     assert all("ppo/gold_reward" in step and "ppo/proxy_reward" in step for step in history)  # the over-optimisation curve's data
     # On the held-out prompts, learnt from the reward model alone (the verifier only logged): its samples score higher
-    # under the reward model (measured -6.14 -> -5.39), they are right more often (the exact expected gold reward of a
-    # sample, the probability of the bare right answer: 0.138 -> 0.180), and the habit fades from the greedy answers
-    # (0.325 -> 0.075).
+    # under the reward model (measured at 40 steps, seed 42: -6.06 -> -5.42), they are right more often (the exact
+    # expected gold reward of a sample, the probability of the bare right answer: 0.183 -> 0.278), and the habit fades
+    # from the greedy answers (0.325 -> 0.015).
     sft_proxy, ppo_proxy = (_sampled_reward(tmp_path / name, tmp_path / "reward", prompts) for name in ("sft", "ppo"))
     assert ppo_proxy > sft_proxy + 0.3, (sft_proxy, ppo_proxy)
     sft_gold, ppo_gold = (_gold_probability(tmp_path / name, rows) for name in ("sft", "ppo"))

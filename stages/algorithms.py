@@ -145,6 +145,7 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
         gold_fn=answer_reward(inputs.examples) if not config.verifiable_reward and _has_answers(inputs.examples) else None,
         deepspeed_config=stage.deepspeed_config,
         log_hook=log_hook,
+        step_hook=lambda step: stage.beat(),  # stops at the next step if the registry entry was removed
     )
     history = trainer.train(resume=config.resume)
     return PolicyOutcome(

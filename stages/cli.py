@@ -1,7 +1,7 @@
 """The `rlhf` command: stages, the registry, evaluation, recipes.
 
     rlhf sft --config configs/sft/tiny.yaml [key=value ...]
-    rlhf registry list [--json] | show REF [--json] | gc [--delete-files]
+    rlhf registry list [--json] | show REF [--json] | gc [--delete-files] [--grace SECONDS] [--force]
     rlhf eval REF [--json] [--data FILE [--split S]]
     rlhf report RUN [RUN_B] [--out DIR]
 
@@ -56,8 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("ref")
     show.add_argument("--json", action="store_true")
     show.set_defaults(command="registry", handler=_registry_show)
-    gc = registry_commands.add_parser("gc", help="remove entries that never became ready: incomplete or failed (only when asked)")
+    gc = registry_commands.add_parser(
+        "gc", help="remove entries that are over: failed, or incomplete with their owner gone (never a running one)"
+    )
     gc.add_argument("--delete-files", action="store_true", help="also delete their output directories")
+    gc.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                    help="an incomplete entry's heartbeat must be this old before it is removed (default 600)")
+    gc.add_argument("--force", action="store_true", help="also remove stale entries owned by another host (their process cannot be checked)")
     gc.set_defaults(command="registry", handler=_registry_gc)
 
     evaluate = commands.add_parser("eval", help="evaluate a registered model or a path on the held-out embedded tasks, or on --data FILE")
@@ -79,30 +84,37 @@ def _parser() -> argparse.ArgumentParser:
 def _registry_list(args: argparse.Namespace) -> int:
     from stages.core.registry import Registry
 
-    entries = Registry().list()
+    registry = Registry()
+    entries = registry.list()
+    statuses = [registry.status_of(entry) for entry in entries]
     if args.json:
-        print(json.dumps([entry.to_dict() for entry in entries], indent=2, default=str))
+        print(json.dumps([entry.to_dict() | {"live_status": status} for entry, status in zip(entries, statuses)], indent=2, default=str))
         return 0
     header = ("REF", "KIND", "STATUS", "PARENT", "CREATED", "KEY METRIC", "PATH")
     rows = [header] + [
         (
             entry.ref if not entry.builtin else entry.name + " (built-in)",
             entry.kind,
-            entry.status.upper() if entry.status != "ready" else entry.status,
+            status.upper() if status != "ready" else status,
             entry.parent or "-",
             time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created)) if entry.created else "-",
             _key_metric(entry.metrics),
             entry.path,
         )
-        for entry in entries
+        for entry, status in zip(entries, statuses)
     ]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
-    not_ready = [entry for entry in entries if entry.status != "ready"]
-    if not_ready:
-        refs = ", ".join(entry.ref for entry in not_ready)
-        print(f"\n{_status_counts(not_ready)} (never finished; `rlhf registry gc` removes them): {refs}")
+    for status, why in (
+        ("running", "being written now by a live process; gc never touches them"),
+        ("incomplete", "never finished, owner gone; `rlhf registry gc` removes them after the grace period"),
+        ("failed", "the stage raised; `rlhf registry gc` removes them, resume=true continues them"),
+    ):
+        refs = [entry.ref for entry, entry_status in zip(entries, statuses) if entry_status == status]
+        if refs:
+            print(f"\n{len(refs)} {status} ({why}): {', '.join(refs)}", end="")
+    print()
     return 0
 
 
@@ -123,8 +135,15 @@ def _registry_show(args: argparse.Namespace) -> int:
 def _registry_gc(args: argparse.Namespace) -> int:
     from stages.core.registry import Registry
 
-    removed = Registry().remove_incomplete(delete_files=args.delete_files)
+    from stages.core import ownership
+
+    grace = ownership.DEFAULT_GRACE_SECONDS if args.grace is None else args.grace
+    removed, skipped, warnings = Registry().collect(grace=grace, force=args.force, delete_files=args.delete_files)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"removed {_status_counts(removed) or '0'} entries" + (": " + ", ".join(e.ref for e in removed) if removed else ""))
+    for entry, reason in skipped:
+        print(f"skipped {entry.ref}: {reason}")
     return 0
 
 

@@ -9,6 +9,9 @@
     # an exception after begin(): entry `failed` (never NAME:latest; resume=true continues it;
     #   `rlhf registry gc` removes it when asked), W&B closed with exit code 1, the exception propagates
     # a kill -9 leaves the entry `incomplete`: nothing runs to say otherwise
+    # from begin() (or a resume's take-over) to finish, the entry names this process as its owner and a
+    # background heartbeat refreshes it: `rlhf registry gc` never removes it meanwhile, and if the entry is
+    # removed or taken over anyway, the stage stops at its next step (`check_alive`) with EntryLostError
 
 Also here: the config fields every stage shares (`StageConfig`, `LoraSection`) and the command line of
 `python -m stages.X` (`parse_args`; its errors are handled by `core.errors.run_main`). Under the launcher every rank opens the run; rank 0
@@ -25,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.core import checkpoints, distributed, models, tracking
+from stages.core import checkpoints, distributed, models, ownership, tracking
 from stages.core.checkpoints import SHARED_DATASET
 from stages.core.config import ConfigError, load_config, to_dict, usage, wants_help
 from stages.core.errors import UserError
 from stages.core.files import atomic_write, write_json
-from stages.core.registry import Entry, Registry, rlhf_home
+from stages.core.registry import Entry, EntryLostError, Registry, rlhf_home
 from stages.core.secrets import scrub
 from stages.evaluation import EvalConfig
 
@@ -113,6 +116,8 @@ class StageRun:
     metrics: dict[str, Any] = field(default_factory=dict)  # held-out and training metrics, merged at finish
     samples: list[dict[str, Any]] = field(default_factory=list)  # sample generations for the report and W&B
     card: dict[str, Any] = field(default_factory=dict)  # the model card's fields (base, data, config, steps, ...)
+    owner: dict[str, Any] = field(default_factory=ownership.current_owner)  # this process, as the entry's owner
+    heartbeat: ownership.Heartbeat | None = None  # main process, while it owns an entry that is not ready
 
     @classmethod
     @contextmanager
@@ -171,8 +176,16 @@ class StageRun:
                 self.already_done, self.entry = True, ready[-1]
                 print(f"{self.stage}: {self.output_dir} is already registered ready as {ready[-1].ref}; nothing to do.")
                 return
+        unfinished = [e for e in self._entries_here() if e.status != "ready"]
+        if self.config.resume and unfinished:  # refused while another process writes it (EntryBusyError)
+            self._own(self.registry.take_over(unfinished[-1].ref))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(manifest, resolved)
+
+    def _own(self, entry: Entry) -> None:
+        """Hold `entry` as its owner: heartbeats from now until finish or fail."""
+        self.entry = entry
+        self.heartbeat = ownership.Heartbeat(lambda: self.registry.beat(entry.ref, self.owner))
 
     def _entries_here(self) -> list[Entry]:
         return [e for e in self.registry.list(include_builtin=False) if Path(e.path) == self.output_dir]
@@ -187,15 +200,13 @@ class StageRun:
         self.wandb_run = tracking.start_run(
             config.tracking, self.run_name, job_type=self.stage, config=scrub(to_dict(config)), run_dir=self.output_dir
         )
-        existing = self._entries_here()
-        if existing and config.resume:
-            self.entry = existing[-1]
+        if self.entry is not None:  # resume=true: the entry taken over when the output directory was claimed
             return
         if tokenizer is not None:
             fields |= {"tokenizer_hash": models.tokenizer_hash(tokenizer), "chat_template_hash": models.chat_template_hash(tokenizer)}
         if parent is not None:  # a base converted from a GGUF file: its sha256 (else the parent's own record of it)
             fields.setdefault("source_sha256", models.source_sha256(parent) or parent.source_sha256)
-        self.entry = self.registry.begin(
+        entry = self.registry.begin(
             config.register_as or self.stage,
             self.kind,
             self.output_dir,
@@ -205,20 +216,36 @@ class StageRun:
             config=scrub(to_dict(config)),
             trust_remote_code=config.trust_remote_code,
             wandb_run=tracking.run_path(self.wandb_run),
+            owner=self.owner,
             **fields,
         )
+        self._own(entry)
+
+    def beat(self) -> None:
+        """Refresh the heartbeat now (after a checkpoint, a PPO step), then `check_alive`."""
+        if self.heartbeat is not None:
+            self.heartbeat.beat_now()
+        self.check_alive()
+
+    def check_alive(self) -> None:
+        """Raise EntryLostError if this stage's entry was removed or taken over: called between training steps
+        (TRL callback, our PPO's step hook) and on every record, so the stage stops before training further."""
+        if self.heartbeat is not None:
+            self.heartbeat.check()
 
     def record(self, **metrics: Any) -> None:
         """Add metrics now: kept in the registry entry at once (main process) and merged into the final ones."""
         self.metrics |= metrics
         if distributed.is_main_process() and self.entry is not None:
+            self.check_alive()
             stored = self.registry.get(self.entry.ref).metrics
-            self.entry = self.registry.update(self.entry.ref, metrics=stored | metrics)
+            self.entry = self.registry.update(self.entry.ref, owner=self.owner, metrics=stored | metrics, heartbeat=time.time())
 
     # -- finish or fail ----------------------------------------------------------------------------
     def _finish(self) -> None:
         """Register section: drop checkpoints, write metrics, samples and the model card, flip the entry to
         ready (metrics merged with what it already holds), close W&B."""
+        self.check_alive()
         checkpoints.remove_checkpoints(self.output_dir)
         if not distributed.is_main_process():
             return
@@ -230,7 +257,10 @@ class StageRun:
         tracking.log(self.wandb_run, metrics)
         tracking.log_table(self.wandb_run, "eval/samples", self.samples)
         if self.entry is not None:
-            self.entry = self.registry.mark_ready(self.entry.ref, metrics=metrics, wandb_run=tracking.run_path(self.wandb_run))
+            self._stop_heartbeat()
+            self.entry = self.registry.update(
+                self.entry.ref, owner=self.owner, status="ready", metrics=metrics, wandb_run=tracking.run_path(self.wandb_run)
+            )
         tracking.finish(self.wandb_run, metrics)
         self._print_summary(metrics)
 
@@ -238,10 +268,19 @@ class StageRun:
         """The stage raised after begin(): the entry says so (it is never resolved as a model) and W&B closes."""
         if not distributed.is_main_process() or self.already_done:
             return
-        if self.entry is not None and self.entry.status != "ready":
-            self.entry = self.registry.update(self.entry.ref, status="failed")
+        lost = self.heartbeat is not None and self.heartbeat.error is not None
+        self._stop_heartbeat()
+        if self.entry is not None and self.entry.status != "ready" and not lost:
+            try:
+                self.entry = self.registry.update(self.entry.ref, owner=self.owner, status="failed")
+            except EntryLostError:
+                pass  # removed or taken over: nothing of this process's to mark
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
+
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def _write_model_card(self, metrics: dict[str, Any]) -> None:
         card, ref = self.card, self.entry.ref if self.entry else "(not registered)"

@@ -59,6 +59,7 @@ def train(trainer: Any, stage: StageRun, config: StageConfig) -> Any:
     """Train section of the TRL stages: stop at a non-finite loss; with resume=true continue from the newest
     complete checkpoint."""
     trainer.add_callback(NonFiniteLossGuard(stage.stage, stage.output_dir))
+    trainer.add_callback(EntryGuard(stage))
     checkpoint = last_checkpoint(stage.output_dir) if config.resume else None
     if checkpoint:
         print(f"{stage.stage}: resuming from {checkpoint}", flush=True)
@@ -127,6 +128,21 @@ def shared_dataset(stage: StageRun, dataset: Any) -> Any:
         dataset.save_to_disk(str(path))
     distributed.barrier()
     return load_from_disk(str(path)) if (path / "state.json").is_file() else dataset
+
+
+class EntryGuard(TrainerCallback):
+    """Stop at the next step if the stage's registry entry was removed or taken over (StageRun.check_alive);
+    a checkpoint refreshes the entry's heartbeat."""
+
+    def __init__(self, stage: StageRun) -> None:
+        self.stage = stage
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.stage.check_alive()
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stage.beat()
 
 
 class NonFiniteLossGuard(TrainerCallback):

@@ -22,6 +22,20 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture
+def dead_owner() -> dict:
+    """The owner record of a process that has exited (a stage killed with -9 leaves such an owner behind)."""
+    import subprocess
+
+    from stages.core import ownership
+
+    process = subprocess.Popen(["sleep", "30"])
+    owner = ownership.current_owner() | {"pid": process.pid, "process_start": ownership._process_start(process.pid)}
+    process.kill()
+    process.wait()
+    return owner
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from stages.core import models

@@ -5,7 +5,9 @@ stage output registered by a run. Storage is one SQLite file under `RLHF_HOME`: 
 transaction, so several processes can register at once without losing or corrupting anything.
 A stage registers its output as `incomplete` when it starts and flips it to `ready` only after the
 output directory is completely written, or to `failed` when the stage raises (a killed process leaves it
-`incomplete`); nothing ever reads an entry that is not ready as a model (stages/lifecycle.py).
+`incomplete`); nothing ever reads an entry that is not ready as a model (stages/lifecycle.py). Until then
+the entry names its owner process and carries its heartbeat, so `list` tells a running stage from one
+that died, and `gc` (`collect`) never removes a live one (stages/core/ownership.py).
 
 References: `NAME` or `NAME:latest` (newest ready version), `NAME:VERSION`, `KIND:latest` (newest
 ready entry of kind sft/reward/policy when no entry is called that), a built-in base name such as
@@ -26,6 +28,7 @@ from typing import Any, Iterator, Literal
 
 import yaml
 
+from stages.core import ownership
 from stages.core.errors import UserError
 from stages.core.paths import BUILTIN_MODELS_DIR
 from stages.core.secrets import scrub
@@ -53,6 +56,14 @@ class RegistryError(UserError, LookupError):
     """A reference that resolves to nothing loadable; the message says what was looked for."""
 
 
+class EntryLostError(RegistryError):
+    """The entry a stage is writing was removed or taken over by another process: the stage must stop."""
+
+
+class EntryBusyError(UserError, RuntimeError):
+    """The entry is being written by a live process; nothing may take it over or delete it."""
+
+
 @dataclass
 class Entry:
     """One registered model."""
@@ -73,6 +84,8 @@ class Entry:
     run: str | None = None
     trust_remote_code: bool = False
     source_sha256: str | None = None  # of the GGUF file the model (or the base it was trained from) came from
+    owner: dict[str, Any] | None = None  # the process writing it (host, pid, process_start): core/ownership.py
+    heartbeat: float | None = None  # when the owner last said it is working
     created: float = 0.0
     builtin: bool = False
 
@@ -98,12 +111,15 @@ class Registry:
 
     # -- writing -----------------------------------------------------------------------------
     def begin(self, name: str, kind: Kind, path: str | Path, **fields: Any) -> Entry:
-        """Allocate the next version of `name` and record it as incomplete."""
+        """Allocate the next version of `name` and record it as incomplete, owned by this process (unless
+        `owner` is given) with a fresh heartbeat."""
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        fields.setdefault("owner", ownership.current_owner())
         with self._transaction() as db:
             row = db.execute("SELECT MAX(version) FROM entries WHERE name = ?", (name,)).fetchone()
             version = (row[0] or 0) + 1
+            fields.setdefault("heartbeat", time.time())
             entry = Entry(name=name, version=version, kind=kind, path=str(path), status="incomplete", created=time.time(), **fields)
             entry.config = scrub(entry.config)
             db.execute(
@@ -112,37 +128,73 @@ class Registry:
             )
         return entry
 
-    def update(self, ref: str, **fields: Any) -> Entry:
-        """Change fields of an existing entry (status, metrics, wandb_run, ...)."""
-        name, version = _split_ref(ref)
+    def update(self, ref: str, owner: dict[str, Any] | None = None, **fields: Any) -> Entry:
+        """Change fields of an existing entry (status, metrics, wandb_run, ...). With `owner`, only while that
+        process still owns it (else EntryLostError): a stage never writes over an entry that was taken from it."""
         with self._transaction() as db:
-            row = db.execute("SELECT record FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()
-            if row is None:
-                raise RegistryError(f"no registry entry {ref}")
-            entry = _load(row[0])
+            entry = self._owned(db, ref, owner)
             for key, value in fields.items():
                 if not hasattr(entry, key):
                     raise ValueError(f"unknown registry field {key!r}")
                 setattr(entry, key, scrub(value) if key in ("config", "metrics") else value)
-            db.execute(
-                "UPDATE entries SET status = ?, path = ?, record = ? WHERE name = ? AND version = ?",
-                (entry.status, entry.path, _dump(entry), name, version),
-            )
+            self._write(db, entry)
         return entry
 
     def mark_ready(self, ref: str, **fields: Any) -> Entry:
         return self.update(ref, status="ready", **fields)
 
-    def remove_incomplete(self, delete_files: bool = False) -> list[Entry]:
-        """`rlhf registry gc`: drop entries that never became ready, incomplete or failed (and optionally their files)."""
-        removed = [entry for entry in self.list() if entry.status != "ready" and not entry.builtin]
+    def beat(self, ref: str, owner: dict[str, Any]) -> None:
+        """The owner's heartbeat: refresh it, or raise EntryLostError if the entry is gone or owned by another."""
+        self.update(ref, owner=owner, heartbeat=time.time())
+
+    def take_over(self, ref: str, grace: float = ownership.DEFAULT_GRACE_SECONDS) -> Entry:
+        """`resume=true`: this process becomes the owner of an entry that is not ready and continues it
+        (status back to incomplete). Refused while another process is writing it (EntryBusyError)."""
+        me = ownership.current_owner()
         with self._transaction() as db:
-            for entry in removed:
+            entry = self._owned(db, ref, None)
+            status = ownership.live_status(entry.status, entry.owner, entry.heartbeat, grace)
+            if status == "running" and not ownership.same_owner(entry.owner, me):
+                raise EntryBusyError(
+                    f"{ref} at {entry.path} is being written right now by {ownership.describe_owner(entry.owner)}; "
+                    "resume=true continues a run that stopped. Wait for it to finish, or stop that process first."
+                )
+            if entry.status != "ready":
+                entry.owner, entry.heartbeat, entry.status = me, time.time(), "incomplete"
+                self._write(db, entry)
+        return entry
+
+    def collect(
+        self, grace: float = ownership.DEFAULT_GRACE_SECONDS, force: bool = False, delete_files: bool = False
+    ) -> tuple[list[Entry], list[tuple[Entry, str]], list[str]]:
+        """`rlhf registry gc`: remove the entries that are over (core/ownership.py, `gc_verdict`), and with
+        `delete_files` their directories. Returns (removed, skipped with the reason, warnings).
+
+        Decided and done in one write transaction, the directories moved aside inside it: two gc commands at
+        once remove each entry once, and a stage taking an entry over (resume) sees it whole or not at all."""
+        removed, skipped, warnings, doomed = [], [], [], []
+        with self._transaction() as db:
+            for (record,) in db.execute("SELECT record FROM entries WHERE status != 'ready' ORDER BY created").fetchall():
+                entry = _load(record)
+                verdict = ownership.gc_verdict(entry.status, entry.owner, entry.heartbeat, entry.created, grace, force)
+                if not verdict.remove:
+                    skipped.append((entry, verdict.reason))
+                    continue
+                if verdict.warning:
+                    warnings.append(f"{entry.ref}: {verdict.warning}")
                 db.execute("DELETE FROM entries WHERE name = ? AND version = ?", (entry.name, entry.version))
-        if delete_files:
-            for entry in removed:
-                shutil.rmtree(entry.path, ignore_errors=True)
-        return removed
+                removed.append(entry)
+                if delete_files and Path(entry.path).exists() and not any(e.path == entry.path for e in self._ready(db)):
+                    aside = Path(entry.path).with_name(f".{Path(entry.path).name}.gc-{os.getpid()}")
+                    Path(entry.path).rename(aside)
+                    doomed.append(aside)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed, skipped, warnings
+
+    def status_of(self, entry: Entry, grace: float = ownership.DEFAULT_GRACE_SECONDS) -> str:
+        """ready, running, incomplete or failed (core/ownership.py)."""
+        return ownership.live_status(entry.status, entry.owner, entry.heartbeat, grace)
 
     # -- reading -----------------------------------------------------------------------------
     def list(self, include_builtin: bool = True) -> list[Entry]:
@@ -196,6 +248,36 @@ class Registry:
         return f"model reference {ref!r} is not in the registry at {self.path} and is not a path (known: {', '.join(known) or 'none'})"
 
     # -- storage -----------------------------------------------------------------------------
+    def _owned(self, db: sqlite3.Connection, ref: str, owner: dict[str, Any] | None) -> Entry:
+        """The entry `ref` inside a transaction; with `owner`, only if that process still owns it."""
+        name, version = _split_ref(ref)
+        row = db.execute("SELECT record FROM entries WHERE name = ? AND version = ?", (name, version)).fetchone()
+        if row is None:
+            if owner is not None:
+                raise EntryLostError(
+                    f"registry entry {ref} was removed from {self.path} while this process was writing it (by "
+                    "`rlhf registry gc --force`, or by hand); stopping before training further. Rerun the stage."
+                )
+            raise RegistryError(f"no registry entry {ref}")
+        entry = _load(row[0])
+        if owner is not None and entry.owner is not None and not ownership.same_owner(entry.owner, owner):
+            raise EntryLostError(
+                f"registry entry {ref} was taken over by {ownership.describe_owner(entry.owner)} while this process "
+                f"was writing it; stopping so that two processes never write {entry.path}."
+            )
+        return entry
+
+    @staticmethod
+    def _write(db: sqlite3.Connection, entry: Entry) -> None:
+        db.execute(
+            "UPDATE entries SET status = ?, path = ?, record = ? WHERE name = ? AND version = ?",
+            (entry.status, entry.path, _dump(entry), entry.name, entry.version),
+        )
+
+    @staticmethod
+    def _ready(db: sqlite3.Connection) -> list[Entry]:
+        return [_load(record) for (record,) in db.execute("SELECT record FROM entries WHERE status = 'ready'").fetchall()]
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ class PPOTrainer:
         gold_fn: RewardFunction | None = None,
         deepspeed_config: str | os.PathLike | dict | None = None,
         log_hook: LogHook | None = None,
+        step_hook: Callable[[int], None] | None = None,
     ) -> None:
         # --- setup: checks ---------------------------------------------------------------------------------
         self.is_peft = hasattr(actor, "disable_adapter")
@@ -79,6 +80,7 @@ class PPOTrainer:
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an eos token")
         self.config, self.tokenizer, self.reward_fn, self.log_hook = config, tokenizer, reward_fn, log_hook
+        self.step_hook = step_hook  # called after every step on rank 0 (the stage's heartbeat; may raise to stop)
         # A gold reward (e.g. the verifier) logged beside the reward model's proxy and never optimised: the two
         # against KL are the over-optimisation curve (Gao et al. 2022).
         self.gold_fn = gold_fn
@@ -388,6 +390,8 @@ class PPOTrainer:
                 self.log_hook(step, metrics, samples if samples_due else None)
             if (config.save_steps is not None and step % config.save_steps == 0) or step == self.num_steps:
                 self._save_checkpoint(step)
+            if self.step_hook is not None and self.rank == 0:
+                self.step_hook(step)
         return history
 
     def _save_checkpoint(self, step: int) -> None:

@@ -155,26 +155,29 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(
     assert (actual[name] - initial[name]).abs().max() > 1e-4  # 10x the tolerance
 
 
-def test_registry_gc_removes_incomplete_entries_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_registry_gc_removes_incomplete_entries_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture, dead_owner: dict) -> None:
     registry = Registry()
     half, whole = tmp_path / "half", tmp_path / "whole"
     for directory in (half, whole):
         directory.mkdir()
         (directory / "model.safetensors").write_bytes(b"x")
-    registry.begin("crashed/sft", "sft", half)
+    registry.begin("crashed/sft", "sft", half, owner=dead_owner)  # its process was killed
     registry.mark_ready(registry.begin("finished/sft", "sft", whole).ref)
 
     for _ in range(2):  # listing (twice) changes nothing
         assert cli.main(["registry", "list"]) == 0
-        assert "1 incomplete (never finished; `rlhf registry gc` removes them): crashed/sft:1" in capsys.readouterr().out
+        assert "1 incomplete (never finished, owner gone; `rlhf registry gc` removes them after the grace period): crashed/sft:1" in capsys.readouterr().out
     assert cli.main(["registry", "list", "--json"]) == 0
-    assert '"status": "incomplete"' in capsys.readouterr().out
+    assert '"live_status": "incomplete"' in capsys.readouterr().out
 
-    assert cli.main(["registry", "gc"]) == 0
+    assert cli.main(["registry", "gc"]) == 0  # its heartbeat is fresh: kept for the grace period
+    assert "removed 0 entries" in (out := capsys.readouterr().out) and "skipped crashed/sft:1: owner gone" in out, out
+    assert cli.main(["registry", "gc", "--grace", "0"]) == 0
     assert "removed 1 incomplete entries: crashed/sft:1" in capsys.readouterr().out
     assert [e.ref for e in registry.list(include_builtin=False)] == ["finished/sft:1"]
     assert (half / "model.safetensors").exists(), "files are deleted only with --delete-files"
 
-    registry.begin("crashed/sft", "sft", half)
-    assert cli.main(["registry", "gc", "--delete-files"]) == 0
+    registry.begin("crashed/sft", "sft", half, owner=dead_owner)
+    assert cli.main(["registry", "gc", "--delete-files", "--grace", "0"]) == 0
     assert not half.exists() and (whole / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".half.gc-*")), "the directory moved aside is deleted too"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -42,15 +43,15 @@ def test_references(tmp_path: Path) -> None:
     assert entry.version == 3
 
 
-def test_incomplete_entries_are_listed_and_collected_only_on_request(tmp_path: Path) -> None:
+def test_incomplete_entries_are_listed_and_collected_only_on_request(tmp_path: Path, dead_owner: dict) -> None:
     registry = Registry(tmp_path)
-    registry.begin("half", "sft", tmp_path / "half")
+    registry.begin("half", "sft", tmp_path / "half", owner=dead_owner, heartbeat=time.time() - 700)
     registry.mark_ready(registry.begin("whole", "sft", tmp_path / "whole").ref)
     assert {e.name: e.status for e in registry.list(include_builtin=False)} == {"half": "incomplete", "whole": "ready"}
     with pytest.raises(RegistryError, match="no version of 'half' is ready"):
         registry.get("half")
-    removed = registry.remove_incomplete()
-    assert [e.ref for e in removed] == ["half:1"]
+    removed, skipped, warnings = registry.collect()  # the default grace period is 600 s
+    assert [e.ref for e in removed] == ["half:1"] and skipped == [] and warnings == []
     assert [e.name for e in registry.list(include_builtin=False)] == ["whole"]
 
 

@@ -1,6 +1,8 @@
 """Reward modelling: the two reward heads, the pairwise loss, scoring responses, held-out RM metrics.
 
 - `models`: a registered reward model or critic, with either head (`load_reward`, `load_critic`);
+- `kinds`: what a model reference is (causal LM, reward model with a trained head, dataset) and the check
+  every stage runs on each reference in its role before loading it;
 - `likelihood`: the likelihood head (a response's log-likelihood under a trained copy of the SFT model);
 - `losses`: the Bradley-Terry pairwise loss and accuracy (torch only);
 - `scoring`: scores of (prompt, response) through the policy's chat template, shared across ranks;

@@ -192,7 +192,11 @@ def is_likelihood_head(path: str | Path) -> bool:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
-    return (json.loads(config_file.read_text()).get(HEAD_KEY) or {}).get("kind") == KIND
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False  # a damaged config.json is reported where the model is loaded (core/models.py)
+    return (config.get(HEAD_KEY) or {}).get("kind") == KIND
 
 
 def mark_saved_config(path: str | Path, tokenizer: Any) -> None:

@@ -77,6 +77,11 @@ class StageConfig:
     seed: int = field(default=42, metadata={"help": "Seed of data order, initialisation and sampling."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run in output_dir from its last checkpoint."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repositories' own Python code. Off unless you trust it."})
+    check_model_kinds: bool = field(
+        default=True,
+        metadata={"help": "Refuse a model reference of the wrong kind for its role (an SFT model as reward model, a reward model as "
+                          "policy; reward/kinds.py). false: only warn, for research that means it."},
+    )
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. deepspeed_configs/zero3.json (needs the deepspeed launcher)."})
     length_grouping: int = field(
         default=0,

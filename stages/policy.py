@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from reward import kinds
 from reward.models import load_reward
 from reward.scoring import check_same_tokenizer, score_across_ranks
 from stages import algorithms, data, evaluation, generation, heldout, trainers
@@ -91,8 +92,9 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         # -- model and tokenizer ---------------------------------------------------------------
         registry = Registry()
         base = registry.get(config.model)
-        tokenizer = models.load_tokenizer(base, config.trust_remote_code)
         reward_entry = registry.get(config.reward_model) if config.reward_model else None
+        _check_kinds(config, base, reward_entry)
+        tokenizer = models.load_tokenizer(base, config.trust_remote_code)
         reward_model = None
         if reward_entry is not None:
             check_same_tokenizer(tokenizer, models.load_tokenizer(reward_entry), f"policy {base.name!r}", f"reward model {reward_entry.ref!r}")
@@ -151,6 +153,15 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
             "steps": outcome.steps,
         }
     return stage.metrics
+
+
+def _check_kinds(config: PolicyStageConfig, base: Any, reward_entry: Any) -> None:
+    """Every model reference in its role (reward/kinds.py), before anything is loaded."""
+    kinds.require(base, "policy", "model", f"policy ({config.algorithm})", config.check_model_kinds)
+    if reward_entry is not None:
+        kinds.require(reward_entry, "reward_model", "reward_model", f"policy ({config.algorithm})", config.check_model_kinds)
+    if config.algorithm == "ppo" and config.critic:
+        kinds.require(Registry().get(config.critic), "critic", "critic", "policy (ppo)", config.check_model_kinds)
 
 
 # -- data ----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from reward import likelihood
+from reward import kinds, likelihood
 from reward.evaluation import pairwise_metrics
 from reward.models import load_reward
 from reward.scoring import check_same_tokenizer
@@ -103,6 +103,9 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         registry = Registry()
         base = registry.get(config.model)
         policy_entry = registry.get(config.policy) if config.policy else base
+        kinds.require(base, "reward_init", "model", "reward", config.check_model_kinds)
+        if config.policy:
+            kinds.require(policy_entry, "policy", "policy", "reward", config.check_model_kinds)
         tokenizer = models.load_tokenizer(base, config.trust_remote_code)
         policy_tokenizer = models.load_tokenizer(policy_entry, config.trust_remote_code)
         check_same_tokenizer(policy_tokenizer, tokenizer, f"policy {policy_entry.name!r}", f"reward model init {base.name!r}")

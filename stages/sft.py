@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from reward import kinds
 from stages import data, evaluation, heldout, trainers
 from stages.core import distributed, models
 from stages.core.config import ConfigError
@@ -63,6 +64,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
 
         # -- model and tokenizer ---------------------------------------------------------------
         base = Registry().get(config.model)
+        kinds.require(base, "policy", "model", "sft", config.check_model_kinds)
         tokenizer = models.load_tokenizer(base, config.trust_remote_code)
         if tokenizer.chat_template is None:
             raise ConfigError(f"model {config.model!r} has no chat template; SFT on chat data needs one (set it in the tokenizer)")

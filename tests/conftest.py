@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,62 @@ def dead_owner() -> dict:
     process.kill()
     process.wait()
     return owner
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model saved as a local model directory, and variants that are broken (or of another kind) in one
+    way each (tests/stages/test_bad_input.py, tests/reward/test_kinds.py)."""
+    import torch
+
+    from stages.core import models
+    from stages.core.registry import Registry
+
+    root = tmp_path_factory.mktemp("models")
+    builtin = Registry(root / "registry").get("tiny-llama")
+    tokenizer, model = models.load_tokenizer(builtin), models.load_causal_lm(builtin)
+    good = root / "good"
+    model.save_pretrained(good)
+    tokenizer.save_pretrained(good)
+
+    def variant(name: str) -> Path:
+        shutil.copytree(good, root / name)
+        return root / name
+
+    no_template = variant("no_template")
+    (no_template / "chat_template.jinja").unlink()
+    other_template = variant("other_template")
+    (other_template / "chat_template.jinja").write_text((good / "chat_template.jinja").read_text().replace("<|assistant|>", "<|bot|>"))
+    pickle_only = variant("pickle_only")
+    torch.save(model.state_dict(), pickle_only / "pytorch_model.bin")
+    (pickle_only / "model.safetensors").unlink()
+    remote_code = variant("remote_code")
+    (remote_code / "config.json").write_text(json.dumps({
+        "model_type": "my_custom_llama",
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"},
+    }))
+    # Kinds (reward/kinds.py): reward models of both heads, and a classifier whose head was never saved.
+    from transformers import AutoModelForSequenceClassification
+
+    from reward import likelihood
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(good, num_labels=1)
+    classifier.save_pretrained(root / "classifier_rm")
+    tokenizer.save_pretrained(root / "classifier_rm")
+    without_head = variant("classifier_no_head")
+    (without_head / "config.json").write_text(json.dumps(json.loads((good / "config.json").read_text()) | {"architectures": ["LlamaForSequenceClassification"]}))
+    likelihood.as_reward_model(model, tokenizer).save_pretrained(root / "likelihood_rm")
+    tokenizer.save_pretrained(root / "likelihood_rm")
+    # Damaged files: weights cut off mid-copy, a config.json that does not parse.
+    truncated = variant("truncated")
+    weights = (good / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    bad_config = variant("bad_config")
+    (bad_config / "config.json").write_text('{"model_type": "llama", ')
+    not_a_model = root / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("weights went elsewhere\n")
+    return {path.name: path for path in root.iterdir()}
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from stages.core.errors import UserError
 from stages.core.registry import Entry
@@ -30,12 +31,19 @@ def load_tokenizer(entry: Entry, trust_remote_code: bool = False) -> Any:
 
     check_ready(entry)
     source = str(model_dir(entry) or _builtin_tokenizer_dir(entry) or entry.path)
+    if not entry.builtin and (Path(source) / "config.json").is_file():
+        check_files_intact(Path(source), entry.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code or entry.trust_remote_code)
     except ValueError as error:
         raise ModelLoadError(_explain(entry, error)) from None
     except OSError as error:
         raise ModelLoadError(f"cannot load the tokenizer of {entry.name!r} from {source}: {error}") from None
+    except Exception as error:  # the tokenizers library raises a bare Exception for a damaged tokenizer.json
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {entry.name!r} from {source}: its files are damaged ({type(error).__name__}: {error}); "
+            "re-run the stage that wrote it"
+        ) from None
     if tokenizer.pad_token is None:
         # Causal LMs often ship without one; padding with EOS is standard and masked everywhere.
         tokenizer.pad_token = tokenizer.eos_token
@@ -137,6 +145,7 @@ def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dty
     check_safetensors_only(path, entry.name)
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():
         raise ModelLoadError(f"{entry.name} at {path} is not a model directory (no config.json)")
+    check_files_intact(Path(path), entry.name)
     try:
         return auto_class.from_pretrained(
             path,
@@ -149,6 +158,46 @@ def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dty
         raise ModelLoadError(_explain(entry, error)) from None
     except OSError as error:
         raise ModelLoadError(f"cannot load model {entry.name!r} from {path}: {error}") from None
+    except SafetensorError as error:  # intact sizes, unreadable content
+        raise ModelLoadError(f"the model directory {path} ({entry.name}) is damaged: {error}; re-run the stage that wrote it") from None
+
+
+def check_files_intact(path: Path, name: str) -> None:
+    """Refuse a model directory whose config.json does not parse or whose safetensors files are cut short or
+    padded (a copy or a save interrupted mid-write): each file's 8-byte header length, JSON header and tensor
+    offsets must account for its size exactly. Reads headers only."""
+    if not path.is_dir():
+        return
+    damaged = f"the model directory {path} ({name}) is damaged"
+    redo = "re-run the stage that wrote it (resume=true continues from its last complete checkpoint), or copy it again"
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{damaged}: {path / 'config.json'} is not valid JSON ({error}); {redo}") from None
+    for file in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            raise ModelLoadError(f"{damaged}: weights file {file} {problem}; {redo}")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"is truncated ({size} bytes)"
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            return f"is truncated: its header says {length} header bytes, the file has {size}"
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "has an unreadable header"
+    ends = [tensor["data_offsets"][1] for key, tensor in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"is {'truncated' if size < expected else 'longer than its header says'}: {size} bytes, expected {expected}"
+    return None
 
 
 def _explain(entry: Entry, error: Exception) -> str:

@@ -1,5 +1,7 @@
 """Training data as the stages consume it: formats, mixtures of sources, and length-grouped batches.
 
+- `files`: a local data file checked before it is read (directory, suffix, UTF-8, JSON Lines line by line),
+  every fault a DataError naming the file and line;
 - `formats`: DatasetSpec (one source: embedded, a local file or a Hub dataset), reading files and Hub
   datasets, converting every supported SFT and preference format to one conversational shape, with
   errors that name the file and row;

@@ -28,17 +28,12 @@ from typing import Any, Iterable, Literal
 
 from stages import tasks
 from stages.core import distributed
-from stages.core.errors import UserError
+from stages.data.files import SUPPORTED_FILE_SUFFIXES, DataError, check_data_file
 from stages.tasks import templates
 from stages.tasks.world import World
 
-SUPPORTED_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ROLES = {"system", "user", "assistant", "tool"}
-
-
-class DataError(UserError, ValueError):
-    """Bad input data; the message names the source (file or dataset) and the row."""
 
 
 @dataclass
@@ -271,13 +266,8 @@ def read_rows(spec: DatasetSpec) -> tuple[list[dict[str, Any]], str]:
 
     path = Path(spec.source)
     if path.suffix in SUPPORTED_FILE_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise DataError(f"dataset file not found: {path}")
-        builder = SUPPORTED_FILE_SUFFIXES.get(path.suffix)
-        if builder is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: the file is empty")
+        check_data_file(path)  # every way the file itself is bad: one DataError naming the file and line
+        builder = SUPPORTED_FILE_SUFFIXES[path.suffix]
         try:
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as error:  # datasets raises several types for unparsable files

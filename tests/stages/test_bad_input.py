@@ -39,40 +39,6 @@ TINY_SFT = [
 ]
 
 
-# -- fixtures: model directories with one thing wrong each ------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny model saved as a local model directory, and variants that are broken in one way each."""
-    root = tmp_path_factory.mktemp("models")
-    builtin = Registry(root / "registry").get("tiny-llama")
-    tokenizer, model = models.load_tokenizer(builtin), models.load_causal_lm(builtin)
-    good = root / "good"
-    model.save_pretrained(good)
-    tokenizer.save_pretrained(good)
-
-    def variant(name: str) -> Path:
-        shutil.copytree(good, root / name)
-        return root / name
-
-    no_template = variant("no_template")
-    (no_template / "chat_template.jinja").unlink()
-    other_template = variant("other_template")
-    (other_template / "chat_template.jinja").write_text((good / "chat_template.jinja").read_text().replace("<|assistant|>", "<|bot|>"))
-    pickle_only = variant("pickle_only")
-    torch.save(model.state_dict(), pickle_only / "pytorch_model.bin")
-    (pickle_only / "model.safetensors").unlink()
-    remote_code = variant("remote_code")
-    (remote_code / "config.json").write_text(json.dumps({
-        "model_type": "my_custom_llama",
-        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"},
-    }))
-    not_a_model = root / "not_a_model"
-    not_a_model.mkdir()
-    (not_a_model / "notes.txt").write_text("weights went elsewhere\n")
-    return {path.name: path for path in root.iterdir()}
-
-
 @dataclass
 class Context:
     tmp: Path
@@ -83,6 +49,16 @@ class Context:
         path = self.tmp / name
         path.write_text(text)
         return str(path)
+
+    def binary(self, name: str, content: bytes) -> str:
+        path = self.tmp / name
+        path.write_bytes(content)
+        return str(path)
+
+    def directory(self, name: str) -> str:
+        (self.tmp / name).mkdir()
+        (self.tmp / name / "part-0.jsonl").write_text(ROW)
+        return str(self.tmp / name)
 
     def jsonl(self, name: str, rows: list) -> str:
         return self.file(name, "".join(json.dumps(row) + "\n" for row in rows))
@@ -101,6 +77,9 @@ class Context:
         policy.run(load_config(policy.PolicyStageConfig, argv))
 
 
+ROW = json.dumps({"prompt": "q", "completion": "a"}) + "\n"
+CUT_OFF_ROW, LIST_ROW = '{"prompt": "q",\n', "[1, 2]\n"
+LATIN_1_ROWS = (ROW * 3 + json.dumps({"prompt": "café", "completion": "a"})[:-4]).encode() + "é".encode("latin-1") + b'"}\n'
 USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
 
@@ -159,8 +138,32 @@ CASES = [
      ["remote_code", "trust_remote_code", "set `trust_remote_code: true`"]),
     case("no-chat-template", lambda c: c.sft(f"model={c.models['no_template']}"), "ConfigError", ["no_template", "has no chat template"]),
     case("reward-policy-tokenizer-mismatch",
-     lambda c: c.policy(f"model={c.models['good']}", f"reward_model={c.models['other_template']}"),
+     lambda c: c.policy(f"model={c.models['good']}", f"reward_model={c.models['other_template']}", "check_model_kinds=false"),
      "TokenizerMismatchError", ["policy", "good", "reward model", "other_template", "differ in: chat template"]),
+    # model kinds (reward/kinds.py): each role refuses what would load "fine" and train on nonsense
+    case("ppo-reward-model-is-an-sft-checkpoint", lambda c: c.policy("algorithm=ppo", f"model={c.models['good']}", f"reward_model={c.models['good']}"),
+     "ModelKindError", ["policy (ppo): reward_model=", "good", "a causal language model checkpoint", "needs a reward model", "random score head"]),
+    case("grpo-reward-model-is-a-registered-sft-model", lambda c: c.policy("algorithm=grpo", f"model={c.models['good']}", "reward_model=previous/sft"),
+     "ModelKindError", ["policy (grpo): reward_model='previous/sft:1' is an SFT model", "needs a reward model"]),
+    case("rloo-reward-model-is-a-builtin", lambda c: c.policy("algorithm=rloo", f"model={c.models['good']}", "reward_model=tiny-llama"),
+     "ModelKindError", ["policy (rloo): reward_model='tiny-llama' is a built-in base model", "check_model_kinds=false"]),
+    case("ppo-reward-model-classifier-without-head", lambda c: c.policy("algorithm=ppo", f"model={c.models['good']}", f"reward_model={c.models['classifier_no_head']}"),
+     "ModelKindError", ["classifier_no_head", "a sequence classifier without saved head weights"]),
+    case("ppo-reward-entry-without-a-reward-head", lambda c: c.policy("algorithm=ppo", f"model={c.models['good']}", "reward_model=fake/reward"),
+     "ModelKindError", ["reward_model='fake/reward:1' is registered as a reward model but its checkpoint is a causal language model checkpoint"],
+     prepare=lambda c: Registry().mark_ready(Registry().begin("fake/reward", "reward", c.models["good"]).ref)),
+    case("dpo-model-is-a-classifier-reward-model", lambda c: c.policy("algorithm=dpo", f"model={c.models['classifier_rm']}", "reward_model=null"),
+     "ModelKindError", ["policy (dpo): model=", "classifier_rm", "a sequence classifier with its head weights", "needs a causal language model"]),
+    case("dpo-model-is-a-likelihood-reward-model", lambda c: c.policy("algorithm=dpo", f"model={c.models['likelihood_rm']}", "reward_model=null"),
+     "ModelKindError", ["likelihood_rm", "likelihood reward head", "Give the SFT model the reward model was trained from"]),
+    case("sft-from-a-reward-model", lambda c: c.sft(f"model={c.models['likelihood_rm']}"), "ModelKindError", ["sft: model=", "likelihood_rm"]),
+    case("reward-stage-samples-from-a-reward-model", lambda c: c.reward(f"policy={c.models['classifier_rm']}"), "ModelKindError",
+     ["reward: policy=", "classifier_rm", "needs a causal language model"]),
+    # damaged model files
+    case("weights-truncated", lambda c: c.sft(f"model={c.models['truncated']}"), "ModelLoadError",
+     ["the model directory", "truncated", "is damaged", "model.safetensors is truncated", "re-run the stage"]),
+    case("config-json-broken", lambda c: c.sft(f"model={c.models['bad_config']}"), "ModelLoadError",
+     ["bad_config", "is damaged", "config.json is not valid JSON"]),
     # data
     case("dataset-file-missing", lambda c: c.sft(f"datasets=[{{source: {c.tmp / 'missing.jsonl'}}}]"), "DataError", ["dataset file not found", "missing.jsonl"]),
     case("dataset-file-empty", lambda c: c.sft(f"datasets=[{{source: {c.file('empty.jsonl', '')}}}]"), "DataError", ["empty.jsonl", "the file is empty"]),
@@ -168,6 +171,16 @@ CASES = [
      ["d.csv", "unsupported file type '.csv'", ".jsonl"]),
     case("dataset-not-json", lambda c: c.sft(f"datasets=[{{source: {c.file('broken.jsonl', 'prompt: not json')}}}]"), "DataError",
      ["broken.jsonl", "could not be read as .jsonl"]),
+    case("dataset-bad-json-line", lambda c: c.sft(f"datasets=[{{source: {c.file('line3.jsonl', ROW + ROW + CUT_OFF_ROW)}}}]"),
+     "DataError", ["line3.jsonl line 3", "not valid JSON", "each line must be one JSON object"]),
+    case("dataset-line-is-a-list", lambda c: c.sft(f"datasets=[{{source: {c.file('lists.jsonl', ROW + LIST_ROW)}}}]"), "DataError",
+     ["lists.jsonl line 2", "a JSON list, not an object"]),
+    case("dataset-not-utf8", lambda c: c.sft(f"datasets=[{{source: {c.binary('latin.jsonl', LATIN_1_ROWS)}}}]"),
+     "DataError", ["latin.jsonl line 4", "not UTF-8 text (byte 0xe9", "re-save it as UTF-8"]),
+    case("dataset-is-a-directory", lambda c: c.sft(f"datasets=[{{source: {c.directory('rows.jsonl')}}}]"), "DataError",
+     ["rows.jsonl is a directory, not a data file"]),
+    case("dataset-is-a-directory-without-suffix", lambda c: c.sft(f"datasets=[{{source: {c.directory('my_data')}}}]"), "DataError",
+     ["my_data is a directory, not a data file"]),
     case("row-missing-column",
      lambda c: c.sft(f"datasets=[{{source: {c.jsonl('partial.jsonl', [{'prompt': 'q', 'completion': 'a'}, {'prompt': 'q2'}])}}}]"),
      "DataError", ["partial.jsonl row 1", "missing column 'completion'"]),

@@ -85,12 +85,13 @@ def test_dpo_raises_heldout_preference_margin_and_keeps_the_reference(tmp_path: 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_group_algorithms_run_end_to_end_with_the_shared_metrics(tmp_path: Path, registered_sft: str, tiny_sft_dir: Path, algorithm: str) -> None:
-    """Reward = a reward model (here the SFT backbone with a fresh head: the plumbing, not its quality)
-    plus the verifiable exact-answer reward; a few steps, then the evaluation every algorithm shares."""
+    """Reward = a reward model (here the SFT backbone with a fresh head: the plumbing, not its quality, so the
+    kind check that refuses an SFT model as reward model is turned off) plus the verifiable exact-answer reward;
+    a few steps, then the evaluation every algorithm shares."""
     sft_hash = _sha256(tiny_sft_dir / "model.safetensors")
     metrics = policy.run(
         _config(
-            tmp_path, f"algorithm={algorithm}", f"reward_model={tiny_sft_dir}", "verifiable_reward=true",
+            tmp_path, f"algorithm={algorithm}", f"reward_model={tiny_sft_dir}", "verifiable_reward=true", "check_model_kinds=false",
             "datasets=[{source: embedded, num_examples: 64, tasks: [upper, copy]}]",
             f"{algorithm}.max_steps=2", f"{algorithm}.per_device_train_batch_size=8",
         )
@@ -135,7 +136,7 @@ def test_the_registry_entry_names_the_reward_model_it_was_trained_with(tmp_path:
     end, so the registry never held it. Now `rlhf registry show` names it next to the held-out metrics."""
     metrics = policy.run(
         _config(
-            tmp_path, "algorithm=ppo", f"reward_model={tiny_sft_dir}", "verifiable_reward=true",
+            tmp_path, "algorithm=ppo", f"reward_model={tiny_sft_dir}", "verifiable_reward=true", "check_model_kinds=false",
             "datasets=[{source: embedded, num_examples: 32, tasks: [upper, copy]}]",
             "ppo.num_steps=1", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.save_steps=null", "eval.num_prompts=8",
         )

@@ -4,25 +4,26 @@
   adapters disabled), `dpo.loss_type`/`dpo.beta` from config;
 - ppo: our PPO trainer (stages/ppo): actor and reference from SFT, reward model from stage 2, critic
   initialised from the reward model;
-- grpo / rloo: TRL's trainers with the stage-2 reward model as reward function (plus, optionally, the
-  embedded tasks' verifiable exact-answer reward).
-PPO, GRPO and RLOO log the verifier as a gold reward where the prompts have answers, optimised only with
-`verifiable_reward: true`: the proxy (reward model) and the gold reward against KL show over-optimisation.
+- grpo / rloo: TRL's trainers with the stage-2 reward model as reward function.
+PPO, GRPO and RLOO are rewarded by the reward model (`reward_model_weight`) and the configured reward functions
+(`reward_functions:`, reward/functions.py), a weighted sum; each function is logged apart. Where the prompts have
+answers and `exact_answer` is not among the functions, it rides along as a gold reward, logged, never optimised:
+the proxy (reward model) and the gold reward against KL show over-optimisation.
 The stage (stages/policy.py) loads the models and data before, and saves, evaluates and registers after.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from stages import trainers
 from stages.core import tracking
 from stages.core.config import ConfigError
+from reward.functions import RewardFunctions, RewardFunctionSpec, bind_columns, call
 from stages.core.protocols import as_trl_reward
 from stages.data import batching, mixture
 from stages.lifecycle import StageRun
-from stages.tasks.verifier import answer_reward
 
 if TYPE_CHECKING:
     from stages.policy import PolicyStageConfig
@@ -79,16 +80,16 @@ def train_group_relative(inputs: PolicyInputs) -> PolicyOutcome:
 
     config, stage, reward_model = inputs.config, inputs.stage, inputs.reward_model
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if config.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
-    section = getattr(config, config.algorithm)
+    functions = RewardFunctions.from_specs(config.reward_functions)
     reward_funcs: list[Any] = [reward_model] if reward_model is not None else []
-    # Without verifiable_reward, the verifier still rides along at weight 0 where the prompts have answers: TRL logs
-    # it (rewards/exact_answer_reward/mean), and the reward model's score and this gold reward against KL are the
-    # over-optimisation curve (stages/report.py).
-    monitor_gold = not config.verifiable_reward and reward_model is not None and _has_answers(inputs.examples) and "reward_weights" not in section
-    if config.verifiable_reward or monitor_gold:
-        reward_funcs.append(as_trl_reward(answer_reward(inputs.examples), "exact_answer_reward"))
-    if monitor_gold:
-        section = section | {"reward_weights": [1.0, 0.0]}
+    weights = [1.0 if config.reward_model_weight is None else config.reward_model_weight] if reward_model is not None else []
+    reward_funcs += [_trl_reward(functions, index) for index in range(len(functions.specs))]  # TRL logs rewards/NAME/mean, /std
+    weights += [spec.weight for spec in functions.specs]
+    gold = _gold(config, inputs.examples)
+    if gold is not None:  # TRL logs it (rewards/exact_answer_reward/mean) at weight 0: the over-optimisation curve (stages/report.py)
+        reward_funcs.append(as_trl_reward(gold, "exact_answer_reward"))
+        weights.append(0.0)
+    section = getattr(config, config.algorithm) | {"reward_weights": weights}
     trainer = trainer_class(
         model=inputs.policy,
         reward_funcs=reward_funcs,
@@ -117,6 +118,7 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
     from stages.ppo import PPOTrainer
 
     config, stage, policy = inputs.config, inputs.stage, inputs.policy
+    functions = RewardFunctions.from_specs(config.reward_functions)
     critic_ref = config.critic or config.reward_model
     critic = load_critic(critic_ref, config.trust_remote_code) if critic_ref else None
     if critic is None:
@@ -138,14 +140,15 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
         critic=critic,
         tokenizer=inputs.tokenizer,
         prompts=[row["prompt"] for row in inputs.examples],
-        config=config.ppo,
+        config=config.ppo if config.reward_model_weight is None else replace(config.ppo, reward_model_coef=config.reward_model_weight),
         output_dir=stage.output_dir,
-        reward_fn=answer_reward(inputs.examples) if config.verifiable_reward else None,
+        reward_fn=_total_reward(functions, inputs.examples) if functions.specs else None,
         # Logged, not optimised: the gold reward of the over-optimisation curve, where the prompts have answers.
-        gold_fn=answer_reward(inputs.examples) if not config.verifiable_reward and _has_answers(inputs.examples) else None,
+        gold_fn=_gold(config, inputs.examples),
         deepspeed_config=stage.deepspeed_config,
         log_hook=log_hook,
         step_hook=lambda step: stage.beat(),  # stops at the next step if the registry entry was removed
+        reward_fn_metrics=lambda: functions.metrics("ppo/reward_functions/"),
     )
     history = trainer.train(resume=config.resume)
     return PolicyOutcome(
@@ -160,6 +163,36 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
 
 def _has_answers(examples: list[dict[str, Any]]) -> bool:
     return bool(examples) and all(example.get("answer") is not None for example in examples)
+
+
+def _total_reward(functions: RewardFunctions, examples: list[dict[str, Any]]) -> Callable[[list[Any], list[str]], list[float]]:
+    """The weighted reward functions for callers holding prompts only (our PPO): columns looked up by prompt."""
+    columns_of = bind_columns(mixture.strip_source(examples))
+    return lambda prompts, responses: functions.score(prompts, responses, columns_of(prompts))
+
+
+def _gold(config: PolicyStageConfig, examples: list[dict[str, Any]]) -> Callable[[list[Any], list[str]], list[float]] | None:
+    """The verifier as a gold reward (logged, weight 0) where every prompt has an answer and it is not trained on."""
+    if any(spec.name == "exact_answer" for spec in config.reward_functions) or not _has_answers(examples):
+        return None
+    return _total_reward(RewardFunctions.from_specs([RewardFunctionSpec(name="exact_answer")]), examples)
+
+
+# Keys TRL adds to a reward function's keyword arguments beside the dataset columns.
+_TRL_KEYWORDS = ("trainer_state", "log_extra", "log_metric", "completion_ids", "environments")
+
+
+def _trl_reward(functions: RewardFunctions, index: int) -> Callable[..., list[float]]:
+    """Function `index` in TRL's convention, named as it is logged (rewards/NAME/mean)."""
+    spec, function = functions.specs[index], functions.functions[index]
+
+    def trl_reward(prompts: list[Any], completions: list[Any], **keywords: Any) -> list[float]:
+        responses = [completion if isinstance(completion, str) else completion[-1]["content"] for completion in completions]
+        columns = {key: value for key, value in keywords.items() if key not in _TRL_KEYWORDS}
+        return call(function, spec.label, prompts, responses, columns)
+
+    trl_reward.__name__ = trl_reward.__qualname__ = spec.label
+    return trl_reward
 
 
 ALGORITHMS: dict[str, Callable[[PolicyInputs], PolicyOutcome]] = {

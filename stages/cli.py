@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo).")
     parser.set_defaults(command=None)
-    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,run,registry,eval,report}")
+    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,sample,run,registry,eval,report}")
     for stage in STAGE_MODULES:
         commands.add_parser(stage, help=f"run the {stage} stage: --config FILE [key=value ...]")
     commands.add_parser("run", help="run a recipe: RECIPE.yaml [key=value ...] [--dry-run]")
@@ -185,6 +185,8 @@ def _key_metric(metrics: dict[str, Any]) -> str:
     for key in ("eval/exact_match", "eval/pairwise_accuracy"):
         if key in metrics:
             return f"{key.split('/')[-1]}={metrics[key]:.3f}"
+    if "samples/rows" in metrics:
+        return f"rows={metrics['samples/rows']:.0f} pairs={metrics.get('samples/pairs', 0):.0f}"
     return "-"
 
 

@@ -51,6 +51,15 @@ class EvalConfig:
         default=None, metadata={"help": "Phrasings of the embedded tasks (default stages/tasks/embedded_tasks.yaml): the file training used."}
     )
     num_samples: int = field(default=8, metadata={"help": "Sample generations kept for the report and W&B table."})
+    embedded: bool | None = field(
+        default=None,
+        metadata={"help": "Score the embedded tasks' held-out prompts (eval/exact_match ...). Default: when the stage trains on "
+                          "embedded data; true for a stage trained on data derived from them (e.g. sampled answers)."},
+    )
+
+    def scores_embedded(self, specs: list[Any]) -> bool:
+        """Whether a stage training on `specs` scores the embedded tasks."""
+        return self.embedded if self.embedded is not None else any(spec.source == "embedded" for spec in specs)
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "max_new_tokens", "batch_size"):

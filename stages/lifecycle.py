@@ -307,16 +307,24 @@ class StageRun:
             "",
             "## Load it",
             "",
-            "```python",
-            f"from transformers import {auto_class}, AutoTokenizer",
-            f"model = {auto_class}.from_pretrained('{self.output_dir}')",
-            f"tokenizer = AutoTokenizer.from_pretrained('{self.output_dir}')",
-            "```",
-            f"or in any stage config: `model: {ref}`.",
+            *(self._dataset_usage(ref) if card.get("dataset") else [
+                "```python",
+                f"from transformers import {auto_class}, AutoTokenizer",
+                f"model = {auto_class}.from_pretrained('{self.output_dir}')",
+                f"tokenizer = AutoTokenizer.from_pretrained('{self.output_dir}')",
+                "```",
+                f"or in any stage config: `model: {ref}`.",
+            ]),
             "",
             *([card["note"], ""] if card.get("note") else []),
         ]
         atomic_write(self.output_dir / "README.md", "\n".join(lines))
+
+    def _dataset_usage(self, ref: str) -> list[str]:
+        return [
+            "In a stage config: `datasets: [{source: " + ref + ", split: rows}]` (SFT) or `split: pairs` (DPO, reward model); "
+            f"or `datasets.load_dataset('json', data_files='{self.output_dir}/rows.jsonl')`.",
+        ]
 
     def _print_summary(self, metrics: dict[str, Any]) -> None:
         rows = [
@@ -324,7 +332,8 @@ class StageRun:
             ("stage", self.stage),
             ("steps", self.card.get("steps", "?")),
             ("seconds", f"{metrics.get('seconds', 0):.1f}"),
-            *[(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in metrics.items() if key.startswith(("train/", "eval/")) and key.count("/") == 1],
+            *[(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in metrics.items()
+              if key.startswith(("train/", "eval/", "samples/")) and key.count("/") == 1],
             ("output", str(self.output_dir)),
             ("registry", self.entry.ref if self.entry else "-"),
         ]

@@ -1,8 +1,9 @@
 """Stage 3: policy optimisation from the SFT model; `algorithm: dpo | ppo | grpo | rloo` picks the method.
 
 The algorithms (stages/algorithms.py): dpo (trl.DPOTrainer, reference = the SFT model), ppo (ours,
-stages/ppo: critic initialised from the reward model), grpo / rloo (TRL's trainers with the stage-2 reward
-model as reward function, plus optionally the embedded tasks' verifiable exact-answer reward). Embedded
+stages/ppo: critic initialised from the reward model), grpo / rloo (TRL's trainers). The online algorithms
+are rewarded by the stage-2 reward model and/or reward functions (`reward_functions:`: built-in verifiers
+such as `exact_answer`, or your own code; reward/functions.py), weighted and summed. Embedded
 DPO pairs reject the SFT model's own mistakes, as in the reward stage.
 Every algorithm ends with the same held-out evaluation: exact match (greedy), mean reward under the
 stage-2 reward model, sampled KL to the reference, response length; the SFT reference is scored on the
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reward import kinds
+from reward.functions import RewardFunctionSpec
 from reward.models import load_reward
 from reward.scoring import check_same_tokenizer, score_across_ranks
 from stages import algorithms, data, evaluation, generation, heldout, trainers
@@ -27,6 +29,7 @@ from stages.core import distributed, models
 from stages.core.config import ConfigError
 from stages.core.registry import Registry
 from stages.data import mixture
+from stages.data.prompts import load_heldout_prompt_rows, load_prompt_rows
 from stages.core.errors import run_main
 from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
 from stages.ppo.config import PPOConfig
@@ -58,7 +61,16 @@ class PolicyStageConfig(StageConfig):
         default=None, metadata={"help": "Total pairs (DPO) or prompts; sources with a weight share what fixed num_examples leave."}
     )
     onpolicy_negatives: bool = field(default=True, metadata={"help": "DPO on embedded data: reject the SFT model's own wrong samples."})
-    verifiable_reward: bool = field(default=False, metadata={"help": "PPO/GRPO/RLOO on embedded data: add the exact-answer reward."})
+    reward_functions: list[RewardFunctionSpec] = field(
+        default_factory=list,
+        metadata={"help": "PPO/GRPO/RLOO: reward functions, each {name | path | module, weight, options}, summed with the reward "
+                          "model's score (reward/functions.py); e.g. [{name: exact_answer}]."},
+    )
+    reward_model_weight: float | None = field(
+        default=None,
+        metadata={"help": "PPO/GRPO/RLOO: weight of the reward model's score in the total reward (default 1; PPO: ppo.reward_model_coef)."},
+    )
+    verifiable_reward: bool | None = field(default=None, metadata={"help": "Replaced by reward_functions: [{name: exact_answer}]; setting it is an error."})
     drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed preference pairs with a count."})
     dpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.DPOConfig arguments."})
     grpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.GRPOConfig arguments."})
@@ -73,8 +85,18 @@ class PolicyStageConfig(StageConfig):
 
         for section, trl_class in (("dpo", DPOConfig), ("grpo", GRPOConfig), ("rloo", RLOOConfig)):
             setattr(self, section, trainers.check_trl_section(trl_class, getattr(self, section), section, "policy config"))
-        if self.algorithm in ("ppo", "grpo", "rloo") and self.reward_model is None and not self.verifiable_reward:
-            raise ConfigError(f"algorithm {self.algorithm} needs reward_model (or verifiable_reward: true)")
+        if self.verifiable_reward is not None:
+            raise ConfigError("verifiable_reward was replaced by reward functions: write `reward_functions: [{name: exact_answer}]` "
+                              "for verifiable_reward: true, and nothing for false")
+        if self.reward_model_weight is not None and self.ppo.reward_model_coef != 1.0:
+            raise ConfigError("reward_model_weight and ppo.reward_model_coef are both set: they are the same weight; keep one")
+        for section in ("grpo", "rloo"):
+            if "reward_weights" in getattr(self, section):
+                raise ConfigError(f"{section}.reward_weights is set by the stage: give each reward function its weight and reward_model_weight")
+        if self.algorithm in ("ppo", "grpo", "rloo") and self.reward_model is None and not self.reward_functions:
+            raise ConfigError(f"algorithm {self.algorithm} needs a reward: reward_model, reward_functions, or both")
+        if self.algorithm == "ppo" and self.reward_model is None and self.critic is None:
+            raise ConfigError("ppo without a reward model needs a critic to start from: set critic (e.g. critic: sft:latest, a fresh value head)")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
 
 
@@ -108,7 +130,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         mixture_metrics = mixture.report(examples, data.token_counts(tokenizer, examples), mixture.requested_shares(config.datasets, config.mixture_size))
         print("policy: training mixture\n" + mixture.describe(mixture_metrics))
         heldout_pairs, heldout_prompts = _user_heldout(config)
-        embedded = any(spec.source == "embedded" for spec in config.datasets)
+        embedded = config.eval.scores_embedded(config.datasets)
 
         # -- trainer, train ------------------------------------------------------------------------
         stage.begin(parent=base, tokenizer=tokenizer)
@@ -187,43 +209,25 @@ def _preference_pairs(config: PolicyStageConfig, policy: Any, tokenizer: Any) ->
 
 
 def _prompt_rows(config: PolicyStageConfig) -> list[dict[str, Any]]:
-    """Prompts for the online algorithms: `prompt` (messages) and, where known, `answer`."""
-
-    def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
-        if spec.source == "embedded":
-            generated = data.embedded_rows(spec, config.seed + ONLINE_PROMPTS_SEED_OFFSET + index, count or 3000, config.eval.heldout_tasks)
-            return [{"prompt": row["prompt"], "answer": row["answer"]} for row in generated]
-        raw_rows, where = data.read_rows(spec)
-        held_out = data.heldout_indices(spec, raw_rows)
-        return [_prompt_row(spec, raw, f"{where} row {index}") for index, raw in enumerate(raw_rows) if index not in held_out]
-
-    rows = mixture.mix(config.datasets, config.mixture_size, config.seed, load)
-    if config.verifiable_reward and any(row["answer"] is None for row in rows):
-        raise data.DataError("verifiable_reward needs an 'answer' for every prompt")
-    return rows
-
-
-def _prompt_row(spec: data.DatasetSpec, raw: dict[str, Any], where: str) -> dict[str, Any]:
-    prompt = raw.get(spec.columns.get("prompt", "prompt"))
-    if prompt is None:
-        raise data.DataError(f"{where}: missing column 'prompt'")
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else data.check_messages(prompt, where, "prompt")
-    return {"prompt": prompt, "answer": raw.get(spec.columns.get("answer", "answer"))}
+    """Prompts for the online algorithms: `prompt` (messages), `answer` where known, the sources' other columns."""
+    return mixture.mix(
+        config.datasets, config.mixture_size, config.seed,
+        lambda spec, index, count: load_prompt_rows(spec, config.seed + ONLINE_PROMPTS_SEED_OFFSET + index, count, config.eval.heldout_tasks),
+    )
 
 
 def _user_heldout(config: PolicyStageConfig) -> tuple[list[dict[str, Any]], list[list[dict[str, str]]]]:
     """The held-out pairs (DPO) and prompts of the user's sources, never trained on."""
     pairs: list[dict[str, Any]] = []
-    prompts: list[list[dict[str, str]]] = []
+    heldout_prompts: list[list[dict[str, str]]] = []
     for spec in config.datasets:
         if spec.source == "embedded":
             continue
         if config.algorithm == "dpo":
             pairs += data.load_preference_heldout(spec, config.drop_malformed)
         else:
-            raw_rows, where = data.heldout_raw_rows(spec)
-            prompts += [_prompt_row(spec, raw, f"{where} row {index}")["prompt"] for index, raw in raw_rows]
-    return pairs, [pair["prompt"] for pair in pairs] + prompts
+            heldout_prompts += [row["prompt"] for row in load_heldout_prompt_rows(spec)]
+    return pairs, [pair["prompt"] for pair in pairs] + heldout_prompts
 
 
 def _dpo_default(name: str) -> Any:

@@ -9,13 +9,21 @@ the stages, which import-linter cannot see and which keeps the recipe free of to
 With `resume=true`, stages already registered ready are skipped and an interrupted stage continues
 from its last checkpoint.
 
+Two forms. The classic one has `sft:`, `reward:` and `policy:` sections, wired automatically (the reward and
+policy stages start from RUN/sft, the policy is rewarded by RUN/reward). A chained recipe lists `steps:`, each
+with its own `name` and a `stage` kind (sft | reward | policy | sample), so stages of one kind can follow each
+other (sample -> sft -> sample -> policy); nothing is wired implicitly: a step names what it reads, and `{run}`
+in its values is the run's name (`model: "{run}/sft"`, `datasets: [{source: "{run}/pairs", split: pairs}]`).
+
     rlhf run configs/recipes/tiny.yaml [policy.algorithm=ppo] [key=value ...] [--dry-run]
+    rlhf run configs/recipes/tiny_sampled.yaml [steps.2.overrides.num_samples=8 ...]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -34,7 +42,7 @@ from stages.core.secrets import scrub_argv
 STAGE_ORDER = ("sft", "reward", "policy")
 CHECK_STAGES = "--check-stages"  # `python -m stages.recipe --check-stages PLAN_JSON`: see _check_stages
 # The stage modules, by name only: launched as processes, and imported only by the --check-stages child.
-STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy"}
+STAGE_MODULES = {"sft": "stages.sft", "reward": "stages.reward_model", "policy": "stages.policy", "sample": "stages.sample"}
 SUMMARY_METRICS = (
     "eval/exact_match", "eval/exact_match_unseen_templates", "eval/exact_match_unseen_tasks",
     "eval/pairwise_accuracy", "eval/reward_mean", "eval/win_rate", "eval/kl_to_ref",
@@ -52,13 +60,24 @@ class StageEntry:
 
 
 @dataclass
-class RecipeConfig:
-    """A whole pipeline (configs/recipes/*.yaml). Keys under sft/reward/policy that are not StageEntry
-    fields are overrides of that stage's config, so `policy.algorithm=ppo` works on the command line."""
+class StepEntry(StageEntry):
+    """One step of a chained recipe: a stage of kind `stage` registered as RUN/`name`."""
 
-    sft: StageEntry = field(metadata={"help": "config: FILE, optional deepspeed/num_processes, other keys override the stage config."})
-    reward: StageEntry = field(metadata={"help": "As sft, for the reward-model stage."})
-    policy: StageEntry = field(metadata={"help": "As sft, for the policy stage (e.g. policy.algorithm=ppo)."})
+    name: str = field(default="", metadata={"help": "The step's name: its output is registered as RUN/NAME (letters, digits, _ and -)."})
+    stage: str = field(default="", metadata={"help": "Which stage runs: sft | reward | policy | sample."})
+
+
+@dataclass
+class RecipeConfig:
+    """A whole pipeline (configs/recipes/*.yaml). Keys under sft/reward/policy (or a step) that are not
+    StageEntry fields are overrides of that stage's config, so `policy.algorithm=ppo` works on the command line."""
+
+    sft: StageEntry | None = field(default=None, metadata={"help": "config: FILE, optional deepspeed/num_processes, other keys override the stage config."})
+    reward: StageEntry | None = field(default=None, metadata={"help": "As sft, for the reward-model stage."})
+    policy: StageEntry | None = field(default=None, metadata={"help": "As sft, for the policy stage (e.g. policy.algorithm=ppo)."})
+    steps: list[StepEntry] = field(
+        default_factory=list, metadata={"help": "A chained recipe instead of sft/reward/policy: steps in order, each {name, stage, config, ...}."}
+    )
     run_name: str | None = field(default=None, metadata={"help": "Run name (default: recipe name + timestamp)."})
     stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER), metadata={"help": "Stages to run, in order."})
     num_processes: int = field(default=2, metadata={"help": "Processes (GPUs, or CPU ranks) per node."})
@@ -74,6 +93,22 @@ class RecipeConfig:
             raise ConfigError(f"unknown stage {unknown[0]!r} in stages (valid: {', '.join(STAGE_ORDER)})")
         if self.num_processes < 1:
             raise ConfigError("num_processes must be at least 1")
+        if self.steps and any(getattr(self, stage) is not None for stage in STAGE_ORDER):
+            raise ConfigError("a recipe has either steps: or sft/reward/policy sections, not both")
+        names = [step.name for step in self.steps]
+        for step in self.steps:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", step.name):
+                raise ConfigError(f"steps: name {step.name!r} must be letters, digits, _ and - (it names RUN/NAME)")
+            if step.stage not in STAGE_MODULES:
+                raise ConfigError(f"steps.{step.name}: unknown stage {step.stage!r} (valid: {', '.join(STAGE_MODULES)})")
+            if names.count(step.name) > 1:
+                raise ConfigError(f"steps: the name {step.name!r} is used twice")
+
+    def planned(self) -> list[tuple[str, str, StageEntry]]:
+        """(name, stage kind, entry) of every stage to run, in order."""
+        if self.steps:
+            return [(step.name, step.stage, step) for step in self.steps]
+        return [(stage, stage, getattr(self, stage)) for stage in self.stages]
 
 
 def load_recipe(path: str, overrides: list[str]) -> tuple[RecipeConfig, str]:
@@ -85,20 +120,25 @@ def load_recipe(path: str, overrides: list[str]) -> tuple[RecipeConfig, str]:
         import yaml
 
         set_dotted(values, key, yaml.safe_load(raw) if raw.strip() else None)
-    entry_fields = {f.name for f in fields(StageEntry)}
-    for stage in STAGE_ORDER:
-        section = values.get(stage)
+    entry_fields = {f.name for f in fields(StepEntry)}
+    sections = [values.get(stage) for stage in STAGE_ORDER] + (values.get("steps") if isinstance(values.get("steps"), list) else [])
+    for section in sections:
         if isinstance(section, dict):
             extra = {key: section.pop(key) for key in list(section) if key not in entry_fields}
             section.setdefault("overrides", {}).update(extra)
     recipe = build(RecipeConfig, values, source=path)
+    if not recipe.steps:
+        missing = [stage for stage in recipe.stages if getattr(recipe, stage) is None]
+        if missing:
+            raise ConfigError(f"{path}: missing required value for {', '.join(missing)}")
     run_name = recipe.run_name or f"{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return recipe, run_name
 
 
-def stage_arguments(recipe: RecipeConfig, run_name: str, stage: str) -> list[str]:
-    """The stage's command-line arguments: its config, the recipe's wiring, then the user's overrides."""
-    entry: StageEntry = getattr(recipe, stage)
+def stage_arguments(recipe: RecipeConfig, run_name: str, stage: str, entry: StageEntry | None = None) -> list[str]:
+    """The stage's command-line arguments: its config, the recipe's wiring, then the user's overrides. `stage` is
+    the step's name (the stage itself in a classic recipe)."""
+    entry = entry or getattr(recipe, stage)
     home = rlhf_home()
     wiring: dict[str, Any] = {
         "run_name": run_name,
@@ -109,26 +149,27 @@ def stage_arguments(recipe: RecipeConfig, run_name: str, stage: str) -> list[str
         "tracking.report_to": recipe.report_to,
         "deepspeed": _deepspeed_for(recipe, entry),
     }
-    if stage in ("reward", "policy") and "sft" in recipe.stages:
+    if not recipe.steps and stage in ("reward", "policy") and "sft" in recipe.stages:
         wiring["model"] = f"{run_name}/sft"
-    if stage == "policy" and "reward" in recipe.stages:
+    if not recipe.steps and stage == "policy" and "reward" in recipe.stages:
         wiring["reward_model"] = f"{run_name}/reward"
     arguments = ["--config", entry.config]
-    for key, value in {**wiring, **_flatten(entry.overrides)}.items():
+    for key, value in {**wiring, **_flatten(_with_run(entry.overrides, run_name))}.items():
         arguments.append(f"{key}={_yaml_value(value)}")
     return arguments
 
 
-def launch_command(recipe: RecipeConfig, stage: str, arguments: list[str]) -> list[str]:
-    entry: StageEntry = getattr(recipe, stage)
+def launch_command(recipe: RecipeConfig, stage: str, arguments: list[str], entry: StageEntry | None = None) -> list[str]:
+    entry = entry or getattr(recipe, stage)
+    module = STAGE_MODULES[entry.stage if isinstance(entry, StepEntry) else stage]
     processes = entry.num_processes or recipe.num_processes
     if _deepspeed_for(recipe, entry) is None and processes == 1 and recipe.hostfile is None:
-        return [sys.executable, "-m", STAGE_MODULES[stage], *arguments]
+        return [sys.executable, "-m", module, *arguments]
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if recipe.hostfile:
         launcher += ["--hostfile", recipe.hostfile]
     launcher += ["--num_gpus", str(processes), "--master_port", str(_free_port()), *recipe.launcher_args]
-    return [*launcher, "--module", STAGE_MODULES[stage], *arguments]
+    return [*launcher, "--module", module, *arguments]
 
 
 def main(argv: list[str]) -> int:
@@ -140,28 +181,30 @@ def main(argv: list[str]) -> int:
     if not argv or "=" in argv[0]:
         raise ConfigError("usage: rlhf run RECIPE.yaml [key=value ...] [--dry-run]")
     recipe, run_name = load_recipe(argv[0], argv[1:])
-    plan = {stage: stage_arguments(recipe, run_name, stage) for stage in recipe.stages}
-    _check_stages(plan)  # every config is checked before any compute is spent
+    entries = {name: (kind, entry) for name, kind, entry in recipe.planned()}
+    plan = {name: stage_arguments(recipe, run_name, name, entry) for name, (_, entry) in entries.items()}
+    _check_stages({name: [STAGE_MODULES[entries[name][0]], arguments] for name, arguments in plan.items()})  # before any compute
     if dry_run:
         for stage, arguments in plan.items():
-            print(shlex.join(scrub_argv(launch_command(recipe, stage, arguments))))
+            print(shlex.join(scrub_argv(launch_command(recipe, stage, arguments, entries[stage][1]))))
         return 0
 
     registry, results = Registry(), []
     summary_path = rlhf_home() / run_name / "summary.json"
     for stage, arguments in plan.items():
+        kind, stage_entry = entries[stage]
         name = f"{run_name}/{stage}"
         done = _ready_entry(registry, name) if recipe.resume else None
         if done is not None:
             print(f"[recipe] {stage}: {done.ref} is already ready; skipping (resume=true)", flush=True)
-            results.append(_result(stage, done, seconds=done.metrics.get("recipe/seconds", done.metrics.get("seconds", 0.0))))
+            results.append(_result(stage, done, seconds=done.metrics.get("recipe/seconds", done.metrics.get("seconds", 0.0)), kind=kind))
             continue
         # An entry that exists but is not ready is an interrupted attempt this launch continues.
         resumed = recipe.resume and any(entry.name == name for entry in registry.list(include_builtin=False))
-        command = launch_command(recipe, stage, arguments)
+        command = launch_command(recipe, stage, arguments, stage_entry)
         print(f"[recipe] {stage}: {shlex.join(scrub_argv(command))}", flush=True)  # output is often kept as a log
         started = time.time()
-        returncode = subprocess.run(command, env=_stage_environment(recipe, stage)).returncode
+        returncode = subprocess.run(command, env=_stage_environment(recipe, stage_entry)).returncode
         if returncode != 0:
             _write_summary(summary_path, run_name, results)
             print(f"[recipe] {stage} failed (exit {returncode}); finished stages are in {summary_path}. "
@@ -173,7 +216,7 @@ def main(argv: list[str]) -> int:
         seconds = round(time.time() - started, 1)  # wall clock, launcher start-up included
         # After a resume, the seconds are this attempt's only (an interrupted one's end is unknown): say so.
         entry = registry.update(entry.ref, metrics=entry.metrics | {"recipe/seconds": seconds} | ({"recipe/resumed": 1.0} if resumed else {}))
-        results.append(_result(stage, entry, seconds=seconds))
+        results.append(_result(stage, entry, seconds=seconds, kind=kind))
     _write_summary(summary_path, run_name, results)
     print_table(results)
     print(f"\nsummary: {summary_path}")
@@ -224,9 +267,9 @@ def _check_stages_in_this_process(plan_json: str) -> None:
     """The child side of `_check_stages`."""
     import importlib
 
-    for stage, arguments in json.loads(plan_json).items():
+    for stage, (module, arguments) in json.loads(plan_json).items():
         try:
-            importlib.import_module(STAGE_MODULES[stage]).main([*arguments, "--check"])
+            importlib.import_module(module).main([*arguments, "--check"])
         except Exception as error:  # noqa: BLE001 - user errors get the stage's name, the rest propagate
             if not is_user_error(error):
                 raise
@@ -241,19 +284,20 @@ def _ready_entry(registry: Registry, name: str) -> Any:
     return entry if entry.status == "ready" else None
 
 
-def _result(stage: str, entry: Any, seconds: float) -> dict[str, Any]:
+def _result(stage: str, entry: Any, seconds: float, kind: str | None = None) -> dict[str, Any]:
+    kind = kind or stage
     metrics = {key: entry.metrics[key] for key in SUMMARY_METRICS if key in entry.metrics}
     # The SFT stage scores the base it started from on the same prompts (eval/ref_*): the table's first row.
     start = {key: entry.metrics[reference] for key in SUMMARY_METRICS if (reference := key.replace("eval/", "eval/ref_", 1)) in entry.metrics}
     return {
         "stage": stage,
-        "algorithm": entry.metrics.get("algorithm") if stage == "policy" else None,
+        "algorithm": entry.metrics.get("algorithm") if kind == "policy" else None,
         "registry": entry.ref,
         "output_dir": entry.path,
         "seconds": round(seconds, 1),
         "metrics": metrics,
     } | ({"resumed": True} if entry.metrics.get("recipe/resumed") else {}) | (
-        {"start": {"registry": entry.parent, "metrics": start}} if stage == "sft" and start else {}
+        {"start": {"registry": entry.parent, "metrics": start}} if kind == "sft" and start else {}
     )
 
 
@@ -264,9 +308,9 @@ def _write_summary(path: Path, run_name: str, results: list[dict[str, Any]]) -> 
     os.replace(temporary, path)
 
 
-def _stage_environment(recipe: RecipeConfig, stage: str) -> dict[str, str]:
+def _stage_environment(recipe: RecipeConfig, entry: StageEntry) -> dict[str, str]:
     environment = dict(os.environ)
-    processes = getattr(recipe, stage).num_processes or recipe.num_processes
+    processes = entry.num_processes or recipe.num_processes
     # One process per core: more threads than cores makes torch's spinning workers fight (10x slower here).
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
@@ -282,6 +326,17 @@ def _stage_environment_plain() -> dict[str, str]:
 def _deepspeed_for(recipe: RecipeConfig, entry: StageEntry) -> str | None:
     chosen = entry.deepspeed if entry.deepspeed is not None else recipe.deepspeed
     return None if chosen in (None, "none") else chosen
+
+
+def _with_run(value: Any, run_name: str) -> Any:
+    """`{run}` in a chained recipe's values is the run's name."""
+    if isinstance(value, str):
+        return value.replace("{run}", run_name)
+    if isinstance(value, dict):
+        return {key: _with_run(item, run_name) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_run(item, run_name) for item in value]
+    return value
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -84,7 +84,7 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
         dataset_fingerprint = data.fingerprint(rows)
         # Held-out rows of the user's sources (never in `rows`); the embedded tasks hold out their own instances.
         user_heldout = [row for spec in config.datasets if spec.source != "embedded" for row in data.load_sft_heldout(spec)]
-        embedded = any(spec.source == "embedded" for spec in config.datasets)
+        embedded = config.eval.scores_embedded(config.datasets)
 
         # -- trainer ---------------------------------------------------------------------------
         from trl import SFTConfig, SFTTrainer

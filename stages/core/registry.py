@@ -33,8 +33,8 @@ from stages.core.errors import UserError
 from stages.core.paths import BUILTIN_MODELS_DIR
 from stages.core.secrets import scrub
 
-KINDS = ("base", "sft", "reward", "policy")
-Kind = Literal["base", "sft", "reward", "policy"]
+KINDS = ("base", "sft", "reward", "policy", "samples")  # samples: a dataset the sampling stage wrote (stages/sample.py)
+Kind = Literal["base", "sft", "reward", "policy", "samples"]
 Status = Literal["incomplete", "ready", "failed"]
 
 _SCHEMA = """

@@ -2,6 +2,7 @@
 
 - `files`: a local data file checked before it is read (directory, suffix, UTF-8, JSON Lines line by line),
   every fault a DataError naming the file and line;
+- `prompts`: prompt rows for the generating stages (messages, answer, the source's other columns);
 - `formats`: DatasetSpec (one source: embedded, a local file or a Hub dataset), reading files and Hub
   datasets, converting every supported SFT and preference format to one conversational shape, with
   errors that name the file and row;
@@ -29,6 +30,7 @@ from stages.data.formats import (
     load_sft_heldout,
     load_sft_rows,
     read_rows,
+    rename_columns,
     token_count,
     token_counts,
 )
@@ -36,5 +38,5 @@ from stages.data.preferences import convert_preference_row, load_preference_held
 
 __all__ = [
     "DataError", "DatasetSpec", "check_messages", "convert_preference_row", "convert_sft_row", "detect_format",
-    "embedded_rows", "embedded_world", "fingerprint", "heldout_indices", "heldout_raw_rows", "load_preference_heldout", "load_preference_rows", "load_sft_heldout", "load_sft_rows", "read_rows", "token_count", "token_counts",
+    "embedded_rows", "embedded_world", "fingerprint", "heldout_indices", "heldout_raw_rows", "load_preference_heldout", "load_preference_rows", "load_sft_heldout", "load_sft_rows", "read_rows", "rename_columns", "token_count", "token_counts",
 ]

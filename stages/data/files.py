@@ -14,10 +14,39 @@ from pathlib import Path
 from stages.core.errors import UserError
 
 SUPPORTED_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# The files of a sampling-stage dataset (registry kind `samples`, stages/sample.py), by the split that reads them.
+SAMPLES_SPLITS = {"rows": "rows.jsonl", "pairs": "pairs.jsonl", "samples": "samples.jsonl"}
 
 
 class DataError(UserError, ValueError):
     """Bad input data; the message names the source (file or dataset) and the row."""
+
+
+def registered_dataset_file(source: str, split: str) -> Path | None:
+    """The file a registry reference to a sampling-stage dataset points at (`RUN/samples`, `samples:latest`,
+    `NAME:VERSION`), or None when `source` names no registry entry (a Hub dataset, then). A reference to a model,
+    to a dataset that is not ready, or to a split it does not have is a DataError naming it."""
+    from stages.core.registry import KINDS, Registry, RegistryError
+
+    registry = Registry()
+    name = source.split(":", 1)[0]
+    entries = registry.list(include_builtin=False)
+    in_a_run = "/" in name and name.split("/", 1)[0] in {entry.run for entry in entries}  # RUN/x: ours, never a Hub id
+    if name not in KINDS and not in_a_run and not any(entry.name == name for entry in entries):
+        return None
+    try:
+        entry = registry.get(source)
+    except RegistryError as error:
+        raise DataError(f"dataset reference {source!r}: {error}") from None
+    if entry.kind != "samples":
+        raise DataError(f"dataset reference {source!r} is {entry.ref}, a {entry.kind} model, not a dataset (registry datasets are "
+                        "sampling-stage outputs, kind samples)")
+    if entry.status != "ready":
+        raise DataError(f"dataset reference {source!r}: {entry.ref} is {entry.status}; the sampling stage writing it never finished")
+    if split not in SAMPLES_SPLITS:
+        raise DataError(f"dataset {entry.ref} has the splits {', '.join(SAMPLES_SPLITS)}, not {split!r}: set `split: rows` "
+                        "(SFT) or `split: pairs` (DPO, reward model)")
+    return Path(entry.path) / SAMPLES_SPLITS[split]
 
 
 def check_data_file(path: Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Literal
 
 from stages import tasks
 from stages.core import distributed
-from stages.data.files import SUPPORTED_FILE_SUFFIXES, DataError, check_data_file
+from stages.data.files import SUPPORTED_FILE_SUFFIXES, DataError, check_data_file, registered_dataset_file
 from stages.tasks import templates
 from stages.tasks.world import World
 
@@ -273,6 +273,10 @@ def read_rows(spec: DatasetSpec) -> tuple[list[dict[str, Any]], str]:
         except Exception as error:  # datasets raises several types for unparsable files
             raise DataError(f"{path}: could not be read as {path.suffix} ({type(error).__name__}: {error})") from None
         where = str(path)
+    elif (registered := registered_dataset_file(spec.source, spec.split)) is not None:  # RUN/samples, split rows|pairs
+        check_data_file(registered)
+        dataset = datasets.load_dataset("json", data_files=str(registered), split="train")
+        where = f"dataset {spec.source!r} ({registered})"
     else:
         try:
             dataset = datasets.load_dataset(spec.source, split=spec.split)

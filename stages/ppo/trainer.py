@@ -68,6 +68,7 @@ class PPOTrainer:
         deepspeed_config: str | os.PathLike | dict | None = None,
         log_hook: LogHook | None = None,
         step_hook: Callable[[int], None] | None = None,
+        reward_fn_metrics: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         # --- setup: checks ---------------------------------------------------------------------------------
         self.is_peft = hasattr(actor, "disable_adapter")
@@ -81,6 +82,7 @@ class PPOTrainer:
             raise ValueError("the tokenizer needs a pad token and an eos token")
         self.config, self.tokenizer, self.reward_fn, self.log_hook = config, tokenizer, reward_fn, log_hook
         self.step_hook = step_hook  # called after every step on rank 0 (the stage's heartbeat; may raise to stop)
+        self.reward_fn_metrics = reward_fn_metrics  # each reward function's mean/std of the step, merged into its metrics
         # A gold reward (e.g. the verifier) logged beside the reward model's proxy and never optimised: the two
         # against KL are the over-optimisation curve (Gao et al. 2022).
         self.gold_fn = gold_fn
@@ -382,6 +384,8 @@ class PPOTrainer:
                         desc="PPO", disable=self.rank != 0)
         for step in progress:
             metrics, samples = self.step(step)
+            if self.reward_fn_metrics is not None:
+                metrics |= self.reward_fn_metrics()
             history.append(metrics)
             self.step_history.append({"step": step, **metrics})
             progress.set_postfix(reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")

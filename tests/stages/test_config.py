@@ -104,9 +104,17 @@ def test_every_shipped_sft_yaml_parses(path: str) -> None:
     assert config.datasets, path
 
 
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).resolve().parents[2].glob("configs/sample/*.yaml")))
+def test_every_shipped_sample_yaml_parses(path: str) -> None:
+    from stages.sample import SampleStageConfig
+
+    config = load_config(SampleStageConfig, ["--config", path])
+    assert config.datasets and config.reward_functions, path
+
+
 def test_every_yaml_opens_with_its_command() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
-    for path in list(root.glob("sft/*.yaml")) + list(root.glob("reward/*.yaml")) + list(root.glob("policy/*.yaml")) + list(root.glob("recipes/*.yaml")):
+    for path in [path for stage in ("sft", "reward", "policy", "sample", "recipes") for path in root.glob(f"{stage}/*.yaml")]:
         first = path.read_text().splitlines()[0]
         assert first.startswith("# rlhf "), f"{path} should open with the command that runs it"
 

@@ -91,7 +91,7 @@ def test_group_algorithms_run_end_to_end_with_the_shared_metrics(tmp_path: Path,
     sft_hash = _sha256(tiny_sft_dir / "model.safetensors")
     metrics = policy.run(
         _config(
-            tmp_path, f"algorithm={algorithm}", f"reward_model={tiny_sft_dir}", "verifiable_reward=true", "check_model_kinds=false",
+            tmp_path, f"algorithm={algorithm}", f"reward_model={tiny_sft_dir}", "reward_functions=[{name: exact_answer}]", "check_model_kinds=false",
             "datasets=[{source: embedded, num_examples: 64, tasks: [upper, copy]}]",
             f"{algorithm}.max_steps=2", f"{algorithm}.per_device_train_batch_size=8",
         )
@@ -122,7 +122,7 @@ def test_likelihood_reward_model_plugs_into_ppo_and_grpo(tmp_path: Path, registe
         "grpo.max_steps=2", "grpo.per_device_train_batch_size=8"]
     metrics = policy.run(
         _config(
-            tmp_path, f"algorithm={algorithm}", f"reward_model={rm_dir}", "verifiable_reward=false",
+            tmp_path, f"algorithm={algorithm}", f"reward_model={rm_dir}",
             "datasets=[{source: embedded, num_examples: 64, tasks: [upper, copy]}]", *steps,
         )
     )
@@ -136,7 +136,7 @@ def test_the_registry_entry_names_the_reward_model_it_was_trained_with(tmp_path:
     end, so the registry never held it. Now `rlhf registry show` names it next to the held-out metrics."""
     metrics = policy.run(
         _config(
-            tmp_path, "algorithm=ppo", f"reward_model={tiny_sft_dir}", "verifiable_reward=true", "check_model_kinds=false",
+            tmp_path, "algorithm=ppo", f"reward_model={tiny_sft_dir}", "reward_functions=[{name: exact_answer}]", "check_model_kinds=false",
             "datasets=[{source: embedded, num_examples: 32, tasks: [upper, copy]}]",
             "ppo.num_steps=1", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.save_steps=null", "eval.num_prompts=8",
         )
@@ -145,3 +145,40 @@ def test_the_registry_entry_names_the_reward_model_it_was_trained_with(tmp_path:
     reward_ref = Registry().get(str(tiny_sft_dir)).ref
     assert entry.metrics["reward_model"] == reward_ref == metrics["reward_model"]
     assert entry.metrics["eval/exact_match"] == metrics["eval/exact_match"] and "seconds" in entry.metrics
+
+
+LOWERCASE_REWARD = '''
+def lowercase_share(prompts, responses, answer, **columns):
+    assert len(answer) == len(responses), "the prompt rows' answer column reaches the function"
+    return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+def test_online_algorithms_train_on_reward_functions_alone_with_their_weights(tmp_path: Path, registered_sft: str, algorithm: str) -> None:
+    """No reward model: a user's function (from a file the config names) at weight 2 is the whole reward. The total
+    each algorithm logs is twice the function's own logged mean, step by step, and the function is logged apart."""
+    (tmp_path / "my_rewards.py").write_text(LOWERCASE_REWARD)
+    steps = ["ppo.num_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.save_steps=null"] if algorithm == "ppo" else [
+        f"{algorithm}.max_steps=2", f"{algorithm}.per_device_train_batch_size=8", f"{algorithm}.logging_steps=1"]
+    metrics = policy.run(
+        _config(
+            tmp_path, f"algorithm={algorithm}", "reward_model=null", f"reward_functions=[{{path: {tmp_path / 'my_rewards.py'}:lowercase_share, weight: 2.0}}]",
+            *(["critic=sft:latest"] if algorithm == "ppo" else []),  # no reward model to start the critic from: the SFT model
+            "datasets=[{source: embedded, num_examples: 32, tasks: [upper, copy]}]", "eval.num_prompts=8", *steps,
+        )
+    )
+    assert metrics["algorithm"] == algorithm and Registry().get("policy:latest").status == "ready"
+    output = tmp_path / "policy"
+    if algorithm == "ppo":
+        history = [json.loads(line) for line in (output / "history.jsonl").read_text().splitlines()]
+        pairs = [(step["ppo/reward_raw"], step["ppo/reward_functions/lowercase_share/mean"]) for step in history]
+        assert all("ppo/reward_functions/lowercase_share/std" in step for step in history)
+    else:
+        logged = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "reward" in entry]
+        pairs = [(entry["reward"], entry["rewards/lowercase_share/mean"]) for entry in logged]
+        assert all("rewards/lowercase_share/std" in entry for entry in logged)
+    assert len(pairs) == 2 and any(function_mean > 0 for _, function_mean in pairs), pairs
+    for total, function_mean in pairs:
+        assert total == pytest.approx(2.0 * function_mean, abs=1e-5), pairs

@@ -44,7 +44,7 @@ def test_preferences_fix_the_annotators_habit(tmp_path: Path) -> None:
     assert reward_metrics["eval/pairwise_accuracy_contrast/style"] > 0.8, reward_metrics
 
     policy_args = ["--config", str(REPO_ROOT / "configs/policy/tiny.yaml"), *COMMON, f"model={tmp_path / 'sft'}",
-                   f"reward_model={tmp_path / 'reward'}", "verifiable_reward=false"]
+                   f"reward_model={tmp_path / 'reward'}"]
     dpo_metrics = policy.run(load_config(policy.PolicyStageConfig, [
         *policy_args, f"output_dir={tmp_path / 'dpo'}", "algorithm=dpo",
         f"datasets=[{{source: embedded, num_examples: 800, tasks: {TASKS}, world: {WORLD}}}]",

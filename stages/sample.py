@@ -1,0 +1,196 @@
+"""The sampling stage: a model answers prompts `num_samples` times, reward functions and/or a reward model score
+every answer, and the stage registers a **dataset** (registry kind `samples`) that later stages read by reference.
+
+What it writes (in its output directory, each file complete or absent):
+- `samples.jsonl`: every sample with its total score and each function's score;
+- `rows.jsonl` (split `rows`): per prompt, its best sample as a conversation (`messages`), kept when its score
+  reaches `keep_threshold`: rejection-sampling fine-tuning data (Llama 2's RS, STaR), for the SFT stage;
+- `pairs.jsonl` (split `pairs`): per prompt, best versus worst sample when the scores differ by more than
+  `min_margin`, with both scores and the margin: on-policy preference pairs (Tülu 3's DPO data), for DPO or
+  the reward stage.
+A stage reads them as `datasets: [{source: RUN/samples, split: rows}]` (or `split: pairs`); the entry's lineage
+records the model, the scorers, the prompt sources, the seed and the sampling settings.
+
+Departures: best and worst are by total score, ties broken by sample order; a prompt whose samples all score
+alike gives no pair. The model samples at `temperature` with the seeded, rank-independent batches of
+stages/generation.py, so the same config draws the same samples on 1 or N ranks.
+
+Run:
+    rlhf sample --config configs/sample/tiny.yaml [key=value ...]
+    deepspeed --num_gpus 2 --module stages.sample --config configs/sample/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from reward import kinds
+from reward.functions import RewardFunctions, RewardFunctionSpec
+from reward.models import load_reward
+from reward.scoring import check_same_tokenizer, score_across_ranks
+from stages import data, generation
+from stages.core import distributed, models
+from stages.core.config import ConfigError
+from stages.core.errors import run_main
+from stages.core.files import atomic_write
+from stages.core.registry import Registry
+from stages.data import mixture
+from stages.data.files import SAMPLES_SPLITS
+from stages.data.prompts import load_prompt_rows
+from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
+
+SAMPLES_FILE, ROWS_FILE, PAIRS_FILE = (SAMPLES_SPLITS[split] for split in ("samples", "rows", "pairs"))
+
+
+@dataclass
+class SampleStageConfig(StageConfig):
+    """Config of the sampling stage (configs/sample/*.yaml)."""
+
+    model: str = field(default="sft:latest", metadata={"help": "The model that answers (a causal LM reference)."})
+    datasets: list[data.DatasetSpec] = field(
+        default_factory=lambda: [data.DatasetSpec(num_examples=200)],
+        metadata={"help": "Prompt sources: a 'prompt' column and any others the reward functions read. Mixed as in stages/data/mixture.py."},
+    )
+    mixture_size: int | None = field(default=None, metadata={"help": "Total prompts; sources with a weight share what fixed num_examples leave."})
+    num_samples: int = field(default=4, metadata={"help": "Answers sampled per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest answer."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch (each batch seeded on its own)."})
+    reward_functions: list[RewardFunctionSpec] = field(
+        default_factory=list, metadata={"help": "Scorers: reward functions, each {name | path | module, weight, options} (reward/functions.py)."}
+    )
+    reward_model: str | None = field(default=None, metadata={"help": "Scorer: a reward model, weighted by reward_model_weight."})
+    reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model's score in the total."})
+    keep_threshold: float | None = field(default=None, metadata={"help": "rows: keep a prompt's best sample only if its score is at least this (null: always)."})
+    min_margin: float = field(default=0.0, metadata={"help": "pairs: keep best vs worst only if their scores differ by more than this."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.reward_functions and self.reward_model is None:
+            raise ConfigError("sample needs a scorer: reward_functions, reward_model, or both")
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be positive (sampling; greedy answers would all be the same)")
+        if self.min_margin < 0:
+            raise ConfigError("min_margin must be >= 0")
+        mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
+        RewardFunctions.from_specs(self.reward_functions)  # a missing file or function stops here, before any compute
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config, check_only = parse_args(SampleStageConfig, argv)
+    return {} if check_only else run(config)
+
+
+def run(config: SampleStageConfig) -> dict[str, Any]:
+    # -- setup ---------------------------------------------------------------------------------
+    with StageRun.open(config, stage="sample", kind="samples") as stage:
+        if stage.already_done:
+            return stage.metrics
+
+        # -- model and tokenizer ---------------------------------------------------------------
+        registry = Registry()
+        base = registry.get(config.model)
+        kinds.require(base, "policy", "model", "sample", config.check_model_kinds)
+        reward_entry = registry.get(config.reward_model) if config.reward_model else None
+        if reward_entry is not None:
+            kinds.require(reward_entry, "reward_model", "reward_model", "sample", config.check_model_kinds)
+        tokenizer = models.load_tokenizer(base, config.trust_remote_code)
+        model = models.load_causal_lm(base, config.trust_remote_code).to(distributed.device())
+        reward_model = None
+        if reward_entry is not None:
+            check_same_tokenizer(tokenizer, models.load_tokenizer(reward_entry), f"model {base.name!r}", f"reward model {reward_entry.ref!r}")
+            reward_model = load_reward(reward_entry, config.trust_remote_code).to(distributed.device())
+        functions = RewardFunctions.from_specs(config.reward_functions)
+
+        # -- data ------------------------------------------------------------------------------
+        rows = mixture.strip_source(mixture.mix(
+            config.datasets, config.mixture_size, config.seed,
+            lambda spec, index, count: load_prompt_rows(spec, config.seed + index, count, config.eval.heldout_tasks),
+        ))
+        stage.begin(parent=base, tokenizer=tokenizer, dataset_fingerprint=data.fingerprint(rows))
+
+        # -- sample and score (the stage's "train" section) -----------------------------------
+        prompts = [row["prompt"] for row in rows for _ in range(config.num_samples)]
+        responses = generation.generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
+                                        do_sample=True, temperature=config.temperature, seed=config.seed)
+        stage.check_alive()
+        columns = {key: [row.get(key) for row in rows for _ in range(config.num_samples)] for key in sorted({k for r in rows for k in r} - {"prompt"})}
+        totals = functions.score(prompts, responses, columns) if functions.specs else [0.0] * len(responses)
+        per_function = dict(functions.last_scores)
+        if reward_model is not None:
+            reward_scores = score_across_ranks(reward_model, tokenizer, prompts, responses).tolist()
+            per_function["reward_model"] = reward_scores
+            totals = [total + config.reward_model_weight * score for total, score in zip(totals, reward_scores)]
+        samples = [
+            {"prompt": prompt, "response": response, "score": total, "sample": index % config.num_samples,
+             "scores": {name: scores[index] for name, scores in per_function.items()}}
+            for index, (prompt, response, total) in enumerate(zip(prompts, responses, totals))
+        ]
+        kept_rows, pairs = select(samples, config.num_samples, config.keep_threshold, config.min_margin)
+
+        # -- save ------------------------------------------------------------------------------
+        if distributed.is_main_process():
+            for name, records in ((SAMPLES_FILE, samples), (ROWS_FILE, kept_rows), (PAIRS_FILE, pairs)):
+                atomic_write(stage.output_dir / name, "".join(json.dumps(record) + "\n" for record in records))
+
+        # -- evaluate: what was drawn and kept ---------------------------------------------------
+        stage.record(**summary(samples, kept_rows, pairs, len(rows), per_function))
+        stage.samples = [{"prompt": s["prompt"][-1]["content"], "response": s["response"], "reward": s["score"]} for s in samples[: config.eval.num_samples]]
+
+        # -- register (on leaving the block) ----------------------------------------------------
+        scorers = [spec.label for spec in functions.specs] + ([f"reward model {reward_entry.ref}"] if reward_entry else [])
+        stage.card = {
+            "base": base_name(base),
+            "data": f"{len(rows)} prompts from {', '.join(spec.source for spec in config.datasets)}, {config.num_samples} samples each, scored by {', '.join(scorers)}",
+            "config": {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "keep_threshold": config.keep_threshold,
+                       "min_margin": config.min_margin},
+            "steps": len(samples),
+            "dataset": True,
+        }
+    return stage.metrics
+
+
+def select(samples: list[dict[str, Any]], num_samples: int, keep_threshold: float | None, min_margin: float) -> tuple[list[dict], list[dict]]:
+    """Per prompt (consecutive groups of `num_samples`): the best sample as an SFT row if it reaches the threshold,
+    and best versus worst as a preference pair if their margin exceeds `min_margin`."""
+    rows, pairs = [], []
+    for start in range(0, len(samples), num_samples):
+        group = samples[start : start + num_samples]
+        best = max(group, key=lambda sample: sample["score"])  # the first of equals: sample order breaks ties
+        worst = min(group, key=lambda sample: sample["score"])
+        if keep_threshold is None or best["score"] >= keep_threshold:
+            rows.append({"messages": best["prompt"] + [{"role": "assistant", "content": best["response"]}], "score": best["score"]})
+        margin = best["score"] - worst["score"]
+        if margin > min_margin and best["response"] != worst["response"]:
+            pairs.append({
+                "prompt": best["prompt"], "chosen": [{"role": "assistant", "content": best["response"]}],
+                "rejected": [{"role": "assistant", "content": worst["response"]}],
+                "score_chosen": best["score"], "score_rejected": worst["score"], "margin": margin,
+            })
+    return rows, pairs
+
+
+def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompts: int, per_function: dict[str, list[float]]) -> dict[str, float]:
+    scores = [sample["score"] for sample in samples]
+    mean = sum(scores) / len(scores)
+    metrics = {
+        "samples/prompts": float(num_prompts), "samples/samples": float(len(samples)),
+        "samples/score_mean": mean, "samples/score_std": math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)),
+        "samples/best_score_mean": sum(row["score"] for row in rows) / len(rows) if rows else 0.0,
+        "samples/rows": float(len(rows)), "samples/pairs": float(len(pairs)),
+        "samples/margin_mean": sum(pair["margin"] for pair in pairs) / len(pairs) if pairs else 0.0,
+        "samples/response_length": sum(len(sample["response"]) for sample in samples) / len(samples),
+    }
+    for name, values in per_function.items():
+        metrics[f"samples/{name}/mean"] = sum(values) / len(values)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

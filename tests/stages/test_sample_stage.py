@@ -1,0 +1,104 @@
+"""The sampling stage (stages/sample.py): samples scored by a hand-made reward function, the kept rows and pairs
+following the scores row by row, registered as a dataset with lineage, and read back by reference from the SFT,
+DPO and reward data loaders; every bad dataset reference is an error naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages import cli, data, sample
+from stages.core.config import load_config
+from stages.core.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCORER = '''
+def vowel_share(prompts, responses, answer, **columns):
+    return [sum(c in "aeiouAEIOU" for c in r) / max(len(r), 1) for r in responses]
+'''
+
+
+def _sample(tmp_path: Path, *extra: str) -> dict:
+    (tmp_path / "scorer.py").write_text(SCORER)
+    argv = ["--config", str(REPO_ROOT / "configs/sample/tiny.yaml"), "model=sft:latest", f"output_dir={tmp_path / 'samples'}", "run_name=s",
+            "register_as=s/samples", "tracking.report_to=none", "datasets=[{source: embedded, num_examples: 12, tasks: [upper, copy]}]",
+            "num_samples=3", f"reward_functions=[{{path: {tmp_path / 'scorer.py'}:vowel_share, weight: 2.0}}]", *extra]
+    return sample.run(load_config(sample.SampleStageConfig, argv))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _vowel_share(text: str) -> float:
+    return sum(c in "aeiouAEIOU" for c in text) / max(len(text), 1)
+
+
+@pytest.mark.slow
+def test_kept_rows_and_pairs_follow_the_scores_and_the_dataset_is_registered(tmp_path: Path, registered_sft: str, capsys) -> None:
+    metrics = _sample(tmp_path, "keep_threshold=0.5", "min_margin=0.2")
+    out = tmp_path / "samples"
+    samples, rows, pairs = _jsonl(out / "samples.jsonl"), _jsonl(out / "rows.jsonl"), _jsonl(out / "pairs.jsonl")
+    assert len(samples) == 36 and metrics["samples/samples"] == 36 and metrics["samples/prompts"] == 12
+    expected_rows, expected_pairs = [], []
+    for start in range(0, 36, 3):
+        group = samples[start : start + 3]
+        assert len({json.dumps(s["prompt"]) for s in group}) == 1 and [s["sample"] for s in group] == [0, 1, 2]
+        for s in group:  # every score is the weighted function, recomputed here
+            assert s["score"] == pytest.approx(2.0 * _vowel_share(s["response"])) and s["scores"]["vowel_share"] == pytest.approx(_vowel_share(s["response"]))
+        scores = [s["score"] for s in group]
+        best, worst = group[scores.index(max(scores))], group[scores.index(min(scores))]
+        if best["score"] >= 0.5:
+            expected_rows.append(best["prompt"] + [{"role": "assistant", "content": best["response"]}])
+        if best["score"] - worst["score"] > 0.2 and best["response"] != worst["response"]:
+            expected_pairs.append((best["response"], worst["response"], best["score"] - worst["score"]))
+    assert [row["messages"] for row in rows] == expected_rows
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [(c, r) for c, r, _ in expected_pairs]
+    assert [p["margin"] for p in pairs] == pytest.approx([m for _, _, m in expected_pairs])
+    assert 0 < len(pairs) and metrics["samples/rows"] == len(rows) and metrics["samples/pairs"] == len(pairs)
+
+    entry = Registry().get("s/samples")
+    assert entry.kind == "samples" and entry.status == "ready" and entry.parent == registered_sft
+    assert entry.config["reward_functions"][0]["weight"] == 2.0 and entry.config["num_samples"] == 3 and entry.dataset_fingerprint
+    capsys.readouterr()
+    assert cli.main(["registry", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"s/samples:1" in listing and "samples" in listing and f"rows={len(rows)} pairs={len(pairs)}" in listing
+
+    # Read back by reference: SFT rows and preference pairs, through the loaders every stage uses.
+    sft_rows = data.load_sft_rows(data.DatasetSpec(source="s/samples", split="rows", eval_fraction=0), seed=0)
+    assert [row["prompt"] + row["completion"] for row in sft_rows] == expected_rows
+    loaded_pairs, dropped = data.load_preference_rows(data.DatasetSpec(source="s/samples", split="pairs", eval_fraction=0))
+    assert dropped == 0 and [pair["margin"] for pair in loaded_pairs] == pytest.approx([m for _, _, m in expected_pairs])
+    assert [pair["chosen"][-1]["content"] for pair in loaded_pairs] == [c for c, _, _ in expected_pairs]
+
+
+@pytest.mark.parametrize("source, split, needles", [
+    ("previous/sft", "rows", ["dataset reference 'previous/sft' is previous/sft:1, a sft model, not a dataset"]),
+    ("half/samples", "rows", ["dataset reference 'half/samples'", "no version of 'half/samples' is ready"]),
+    ("half/samples:1", "rows", ["half/samples:1 is incomplete", "never finished"]),
+    ("previous/nothing", "rows", ["dataset reference 'previous/nothing'", "not in the registry"]),
+    ("done/samples", "train", ["done/samples:1 has the splits rows, pairs, samples, not 'train'", "split: rows"]),
+])
+def test_a_bad_dataset_reference_is_an_error_naming_it(source: str, split: str, needles: list[str], tmp_path: Path) -> None:
+    registry = Registry()
+    registry.mark_ready(registry.begin("previous/sft", "sft", tmp_path, run="previous").ref)
+    registry.begin("half/samples", "samples", tmp_path / "half", run="half")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "rows.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    registry.mark_ready(registry.begin("done/samples", "samples", tmp_path / "done", run="done").ref)
+    with pytest.raises(data.DataError) as caught:
+        data.read_rows(data.DatasetSpec(source=source, split=split))
+    for needle in needles:
+        assert needle in str(caught.value), str(caught.value)
+    rows, where = data.read_rows(data.DatasetSpec(source="done/samples", split="rows"))
+    assert len(rows) == 1 and "done/samples" in where
+
+
+def test_sample_needs_a_scorer() -> None:
+    from stages.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sample needs a scorer"):
+        load_config(sample.SampleStageConfig, ["--config", str(REPO_ROOT / "configs/sample/tiny.yaml"), "reward_functions=[]"])

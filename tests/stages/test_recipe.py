@@ -31,10 +31,10 @@ def _rlhf(*arguments: str, home: Path, timeout: int = 900) -> subprocess.Complet
 @pytest.mark.parametrize("path", RECIPES)
 def test_every_shipped_recipe_parses_and_its_stage_configs_validate(path: str, isolated_home: Path) -> None:
     recipe, _ = load_recipe(path, [])
-    assert recipe.stages
+    assert recipe.planned()
     result = _rlhf("run", path, "--dry-run", home=isolated_home)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("--module stages.") == len(recipe.stages)
+    assert result.stdout.count("--module stages.") == len(recipe.planned())
 
 
 def test_dry_run_prints_launcher_commands_and_swaps_the_algorithm(isolated_home: Path) -> None:
@@ -141,3 +141,45 @@ def test_recipe_killed_during_reward_stage_resumes_without_rerunning_sft(isolate
     from stages.core.registry import Registry
 
     assert [e.version for e in Registry(isolated_home).list(include_builtin=False) if e.name == "kr/sft"] == [1]
+
+
+def _shrunk_sampled_recipe(tmp_path: Path) -> Path:
+    """configs/recipes/tiny_sampled.yaml as shipped, with CI-sized data and steps (two families the tiny SFT learns fast)."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO_ROOT / "configs/recipes/tiny_sampled.yaml").read_text())
+    few = {"eval": {"num_prompts": 20, "tasks": ["upper", "copy"]}}
+    sizes = {
+        "sft": {"datasets": [{"source": "embedded", "num_examples": 3000, "tasks": ["upper", "copy"]}],
+                "train": {"num_train_epochs": 2, "learning_rate": 2.0e-3, "per_device_train_batch_size": 16, "save_steps": 1000}} | few,
+        "rs_samples": {"datasets": [{"source": "embedded", "num_examples": 24, "tasks": ["upper", "copy"]}]},
+        "rs_sft": {"train": {"num_train_epochs": 1, "per_device_train_batch_size": 8, "learning_rate": 1.0e-4, "warmup_steps": 0}} | few,
+        "pairs": {"datasets": [{"source": "embedded", "num_examples": 24, "tasks": ["upper", "copy"]}]},
+        "policy": {"dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 4}} | few,
+    }
+    for step in recipe["steps"]:
+        step.update(sizes[step["name"]] | ({"train": step.get("train", {}) | sizes[step["name"]]["train"]} if "train" in sizes[step["name"]] else {}))
+    path = tmp_path / "tiny_sampled_ci.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_chained_recipe_sample_sft_sample_dpo_under_the_launcher(isolated_home: Path, tmp_path: Path) -> None:
+    """The shipped chained recipe, CI-sized: two SFT stages and two sampling stages under their own names, each
+    reading the previous step's registered output by reference; the datasets are registry entries of kind samples."""
+    result = _rlhf("run", str(_shrunk_sampled_recipe(tmp_path)), "run_name=ch", home=isolated_home, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = _summary(isolated_home, "ch")
+    assert [s["stage"] for s in summary["stages"]] == ["sft", "rs_samples", "rs_sft", "pairs", "policy"]
+    from stages.core.registry import Registry
+
+    registry = Registry(isolated_home)
+    entries = {name: registry.get(f"ch/{name}") for name in ("sft", "rs_samples", "rs_sft", "pairs", "policy")}
+    assert [entries[name].kind for name in entries] == ["sft", "samples", "sft", "samples", "policy"]
+    assert entries["rs_samples"].parent == entries["sft"].ref and entries["pairs"].parent == entries["rs_sft"].ref
+    assert entries["rs_sft"].parent == entries["sft"].ref and entries["policy"].parent == entries["rs_sft"].ref
+    assert entries["rs_sft"].config["datasets"][0]["source"] == "ch/rs_samples"
+    assert entries["rs_samples"].metrics["samples/rows"] > 0 and entries["pairs"].metrics["samples/pairs"] > 0
+    assert summary["stages"][4]["algorithm"] == "dpo" and "eval/exact_match" in summary["stages"][4]["metrics"]
+    assert "eval/exact_match" in summary["stages"][2]["metrics"]  # eval.embedded: true scores the RS SFT model too

@@ -158,7 +158,8 @@ def _shrunk_sampled_recipe(tmp_path: Path) -> Path:
         "policy": {"dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 4}} | few,
     }
     for step in recipe["steps"]:
-        step.update(sizes[step["name"]] | ({"train": step.get("train", {}) | sizes[step["name"]]["train"]} if "train" in sizes[step["name"]] else {}))
+        for key, value in sizes[step["name"]].items():  # sections merged key by key (the step's eval.embedded stays)
+            step[key] = step.get(key, {}) | value if isinstance(value, dict) else value
     path = tmp_path / "tiny_sampled_ci.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -158,10 +158,14 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
 
 def select(samples: list[dict[str, Any]], num_samples: int, keep_threshold: float | None, min_margin: float) -> tuple[list[dict], list[dict]]:
     """Per prompt (consecutive groups of `num_samples`): the best sample as an SFT row if it reaches the threshold,
-    and best versus worst as a preference pair if their margin exceeds `min_margin`."""
+    and best versus worst as a preference pair if their margin exceeds `min_margin`. Empty answers (the model
+    ended its turn at once) are neither: an SFT row would teach silence, and a pair with an empty side is
+    malformed for every preference loader (stages/data/preferences.py); `samples/empty` counts them."""
     rows, pairs = [], []
     for start in range(0, len(samples), num_samples):
-        group = samples[start : start + num_samples]
+        group = [sample for sample in samples[start : start + num_samples] if sample["response"].strip()]
+        if not group:
+            continue
         best = max(group, key=lambda sample: sample["score"])  # the first of equals: sample order breaks ties
         worst = min(group, key=lambda sample: sample["score"])
         if keep_threshold is None or best["score"] >= keep_threshold:
@@ -186,6 +190,7 @@ def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompt
         "samples/rows": float(len(rows)), "samples/pairs": float(len(pairs)),
         "samples/margin_mean": sum(pair["margin"] for pair in pairs) / len(pairs) if pairs else 0.0,
         "samples/response_length": sum(len(sample["response"]) for sample in samples) / len(samples),
+        "samples/empty": float(sum(not sample["response"].strip() for sample in samples)),
     }
     for name, values in per_function.items():
         metrics[f"samples/{name}/mean"] = sum(values) / len(values)

@@ -48,6 +48,9 @@ def test_kept_rows_and_pairs_follow_the_scores_and_the_dataset_is_registered(tmp
         assert len({json.dumps(s["prompt"]) for s in group}) == 1 and [s["sample"] for s in group] == [0, 1, 2]
         for s in group:  # every score is the weighted function, recomputed here
             assert s["score"] == pytest.approx(2.0 * _vowel_share(s["response"])) and s["scores"]["vowel_share"] == pytest.approx(_vowel_share(s["response"]))
+        group = [s for s in group if s["response"].strip()]  # empty answers are never kept (stages/sample.py, select)
+        if not group:
+            continue
         scores = [s["score"] for s in group]
         best, worst = group[scores.index(max(scores))], group[scores.index(min(scores))]
         if best["score"] >= 0.5:
@@ -95,6 +98,15 @@ def test_a_bad_dataset_reference_is_an_error_naming_it(source: str, split: str, 
         assert needle in str(caught.value), str(caught.value)
     rows, where = data.read_rows(data.DatasetSpec(source="done/samples", split="rows"))
     assert len(rows) == 1 and "done/samples" in where
+
+
+def test_empty_answers_are_neither_rows_nor_pair_sides() -> None:
+    def sampled(*answers: tuple[str, float]) -> list[dict]:
+        return [{"prompt": [{"role": "user", "content": "q"}], "response": text, "score": score, "sample": i} for i, (text, score) in enumerate(answers)]
+
+    rows, pairs = sample.select(sampled(("", 5.0), ("good", 2.0), ("bad", 0.5)) + sampled(("", 1.0), (" ", 0.0), ("", 3.0)), 3, None, 0.0)
+    assert [row["messages"][-1]["content"] for row in rows] == ["good"]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("good", "bad")]
 
 
 def test_sample_needs_a_scorer() -> None:

@@ -189,7 +189,8 @@ def main(argv: list[str]) -> int:
 def print_table(results: list[dict[str, Any]]) -> None:
     """One row per stage, and first the base model as the SFT stage scored it: base -> SFT -> policy."""
     keys = [key for key in SUMMARY_METRICS if any(key in r["metrics"] for r in results)]
-    keys += sorted({key for r in results for key in r["metrics"] if BENCHMARK_KEY.match(key) and key.rsplit("/", 1)[-1] in BENCHMARK_HEADLINE})
+    benchmark_keys = {key for r in results for key in r["metrics"] if BENCHMARK_KEY.match(key) and key.rsplit("/", 1)[-1] in BENCHMARK_HEADLINE}
+    keys += sorted(benchmark_keys, key=lambda key: (key.split("/")[1], BENCHMARK_HEADLINE.index(key.rsplit("/", 1)[-1])))
     header = ["stage", "algorithm", "registry", "seconds", *[key.split("/", 1)[1] for key in keys]]
     rows = [header]
     for r in results:

@@ -231,3 +231,41 @@ def test_a_reward_stage_with_benchmarks_is_refused() -> None:
     repo = Path(__file__).resolve().parents[2]
     with pytest.raises(ConfigError, match="eval.benchmarks: a reward model"):
         load_config(reward_model.RewardStageConfig, ["--config", str(repo / "configs/reward/tiny.yaml"), "eval.benchmarks=[ifbench]"])
+
+
+def test_recipe_table_and_report_show_benchmarks_start_vs_trained(isolated_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The recipe keeps the four numbers and the per-type accuracies of sft (and its start) in summary.json, prints
+    the four in its table, and the report draws accuracy per instruction type, start vs trained."""
+    import json
+
+    from PIL import Image
+
+    from stages import recipe, report
+    from stages.core.registry import Registry
+
+    per_type = {"eval/ifbench/strict/count:numbers": 0.5, "eval/ifbench/loose/count:numbers": 0.75, "eval/ifbench/strict/format:list": 1.0}
+    headline = {"eval/ifbench/prompt_strict": 0.25, "eval/ifbench/prompt_loose": 0.5, "eval/ifbench/instruction_strict": 0.3,
+                "eval/ifbench/instruction_loose": 0.6, "eval/ifbench/unavailable": 1.0, "eval/ifbench/seconds": 12.0}
+    start = {key.replace("eval/", "eval/ref_", 1): value / 2 for key, value in (headline | per_type).items()}
+    registry = Registry()
+    entry = registry.mark_ready(registry.begin("r/sft", "sft", isolated_home / "r" / "sft", parent="tiny-llama", run="r").ref,
+                                metrics={"eval/exact_match": 0.5} | headline | per_type | start)
+    result = recipe._result("sft", entry, seconds=3.0)
+    assert result["metrics"]["eval/ifbench/prompt_loose"] == 0.5 and "eval/ifbench/strict/format:list" in result["metrics"]
+    assert "eval/ifbench/seconds" not in result["metrics"] and not any(k.startswith("eval/ref_") for k in result["metrics"])
+    assert result["start"]["metrics"]["eval/ifbench/prompt_loose"] == 0.25
+    recipe.print_table([result])
+    table = capsys.readouterr().out
+    assert "ifbench/prompt_loose" in table and "strict/format:list" not in table
+    base_row, sft_row = table.strip().splitlines()[1:3]
+    assert base_row.split()[-4:] == ["0.125", "0.250", "0.150", "0.300"], table  # prompt strict, loose; instruction strict, loose
+    assert sft_row.split()[-4:] == ["0.250", "0.500", "0.300", "0.600"], table
+
+    (isolated_home / "r" / "sft").mkdir(parents=True)
+    (isolated_home / "r" / "summary.json").write_text(json.dumps({"run": "r", "stages": [result]}))
+    page = report.write_report(["r"])
+    text = page.read_text()
+    assert "Instruction-following benchmarks" in text and "ifbench/prompt_loose" in text and "strict/count:numbers" not in text
+    chart = Image.open(page.parent / "figures" / "benchmark_r_ifbench.png").convert("RGB")
+    colours = {tuple(pixel) for pixel in chart.getdata()}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # C0 (start) and C1 (sft) bars

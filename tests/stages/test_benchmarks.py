@@ -269,3 +269,25 @@ def test_recipe_table_and_report_show_benchmarks_start_vs_trained(isolated_home:
     chart = Image.open(page.parent / "figures" / "benchmark_r_ifbench.png").convert("RGB")
     colours = {tuple(pixel) for pixel in chart.getdata()}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours  # C0 (start) and C1 (sft) bars
+
+
+def test_nltk_data_is_copied_out_of_the_wheel_private_to_its_owner(tmp_path: Path) -> None:
+    """tools/install_nltk_data.py (make setup): only punkt_tab and stopwords, directories 0755, files 0644."""
+    import importlib.util
+    import stat
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("install_nltk_data", Path(__file__).resolve().parents[2] / "tools" / "install_nltk_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    wheel = tmp_path / "llama_index_core-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in ("tokenizers/punkt_tab/english/sent_starters.txt", "corpora/stopwords/english", "corpora/other/file", "tokenizers/punkt_tab.zip"):
+            archive.writestr(tool.PREFIX + name, "x")
+        archive.writestr("llama_index/core/other.py", "x")
+    destination = tmp_path / "nltk_data"
+    assert tool.install(wheel, destination) == ["corpora/stopwords/", "tokenizers/punkt_tab/"]
+    files = sorted(str(path.relative_to(destination)) for path in destination.rglob("*") if path.is_file())
+    assert files == ["corpora/stopwords/english", "tokenizers/punkt_tab/english/sent_starters.txt"]
+    for path in [destination, *destination.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path

@@ -291,3 +291,22 @@ def test_nltk_data_is_copied_out_of_the_wheel_private_to_its_owner(tmp_path: Pat
     assert files == ["corpora/stopwords/english", "tokenizers/punkt_tab/english/sent_starters.txt"]
     for path in [destination, *destination.rglob("*")]:
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_rlhf_eval_scores_an_ifeval_format_file_and_writes_its_files(isolated_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from stages import cli
+
+    data = str(BENCHMARK_DATA / "ifeval_sample.jsonl")
+    assert cli.main(["eval", "tiny-llama", "--benchmark", "ifeval", "--data", data, "--limit", "2", "--max-new-tokens", "4", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+        assert 0.0 <= printed["metrics"][f"eval/ifeval/{key}"] <= 1.0
+    assert printed["metrics"]["eval/ifeval/num_prompts"] == 2 and printed["metrics"]["eval/ifeval/max_new_tokens"] == 4
+    folder = isolated_home / "evals" / "tiny-llama" / "ifeval-n2-s1234-t4"
+    assert printed["scores"] == str(folder / "scores.json")
+    scores_file = json.loads((folder / "scores.json").read_text())
+    assert scores_file["model"].startswith("tiny-llama")
+    assert scores_file["settings"]["max_new_tokens"] == 4 and scores_file["prompt_file"] == data
+    assert len((folder / "responses.jsonl").read_text().splitlines()) == 2

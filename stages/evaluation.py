@@ -184,9 +184,10 @@ def benchmark_metrics(model: Any, start: Any, tokenizer: Any, config: EvalConfig
         benchmark = benchmarks.load(spec, settings.limit, settings.seed)
         for who, scored, prefix in (("model", model, "eval/"), ("start", start, "eval/ref_")):
             result = runner.run(scored, tokenizer, benchmark, settings, title=f"{benchmark.name} ({who})")
-            path = runner.write_files(result, output_dir / "benchmarks" / settings.folder(benchmark.name) / who, str(output_dir) if who == "model" else "start")
+            described = str(output_dir) if who == "model" else f"the model {output_dir} started from"
+            path = runner.write_files(result, output_dir / "benchmarks" / settings.folder(benchmark.name) / who, described)
             if distributed.is_main_process():
-                print(f"{who}: " + runner.describe(result).split("\n  per instruction type")[0] + f"\n  files: {path.parent}", flush=True)
+                print(f"{who}: {runner.describe(result, per_type=False)}\n  files: {path.parent}", flush=True)
             metrics |= result.metrics(prefix)
     return metrics
 

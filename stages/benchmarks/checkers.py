@@ -5,7 +5,8 @@ Scoring is never re-implemented here: IFBench's instructions go through `ifbench
 `if_verifiable.common.evaluate_instructions` with `if_verifiable.ifeval.INSTRUCTION_DICT` (PyPI
 `if-verifiable`, the reference IFEval checkers). Each instruction of a prompt is passed to them on its own
 (a one-instruction example): the packages score the instructions of a prompt independently anyway, and so a
-checker that cannot run costs that instruction only, not its whole prompt.
+checker that cannot run costs that instruction only, not its whole prompt. (`evaluate_instructions` also drops
+a reasoning model's `<think>...</think>` block first, which IFEval's original script does not; our models write none.)
 
 What this module adds around them, each for a measured reason (shared/DESIGN.md):
 - NLTK offline: the checkers call `nltk.download` (network) for `punkt_tab`, `stopwords` and IFBench's

@@ -128,8 +128,8 @@ def write_files(result: BenchmarkRun, directory: Path, model_ref: str) -> Path:
     return path
 
 
-def describe(result: BenchmarkRun) -> str:
-    """The lines `rlhf eval` prints: the four numbers, counts, per type, and what could not be scored."""
+def describe(result: BenchmarkRun, per_type: bool = True) -> str:
+    """The lines `rlhf eval` prints: the four numbers, counts, what could not be scored, and (`per_type`) each type's accuracy."""
     s, settings = result.scores, result.settings
     subset = f"{s['num_prompts']} of {result.benchmark.total} prompts" + (f" (seeded subset, seed {settings.seed})" if settings.limit else "")
     lines = [
@@ -138,9 +138,10 @@ def describe(result: BenchmarkRun) -> str:
         *[f"  {key:<20} {s[key]:.4f}" for key in scores.HEADLINE],
         f"  {'unavailable':<20} {s['unavailable']}" + (f"  ({_named(s['unavailable_ids'])}: {'; '.join(s['unavailable_why'])}; counted as not followed)" if s["unavailable"] else ""),
         f"  {'checker errors':<20} {s['errors']}" + (f"  ({_named(s['error_ids'])}; counted as not followed)" if s["errors"] else ""),
-        "  per instruction type (strict / loose, instructions):",
-        *[f"    {instruction_id:<45} {a['strict']:.3f} / {a['loose']:.3f}  ({a['count']})" for instruction_id, a in s["per_type"].items()],
     ]
+    if per_type:
+        lines.append("  per instruction type (strict / loose, instructions):")
+        lines += [f"    {instruction_id:<45} {a['strict']:.3f} / {a['loose']:.3f}  ({a['count']})" for instruction_id, a in s["per_type"].items()]
     return "\n".join(lines)
 
 

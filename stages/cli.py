@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="with --benchmark: a seeded subset of N prompts (--seed), for a quick look")
     evaluate.add_argument("--max-new-tokens", type=int, default=384, help="with --benchmark: longest answer (default 384)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="with --benchmark: prompts per generation batch (more on a GPU)")
+    evaluate.add_argument("--max-batch-tokens", type=int, default=8192, help="with --benchmark: padded prompt tokens per batch (more on a GPU)")
     evaluate.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --benchmark: auto = bf16 on a GPU, fp32 on a CPU")
     evaluate.set_defaults(command="eval", handler=_eval)
 
@@ -169,7 +170,10 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     from stages.benchmarks import runner
 
     spec = f"{args.benchmark}:{args.data}" if args.data else args.benchmark
-    settings = runner.Settings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, seed=args.seed, dtype=args.dtype)
+    settings = runner.Settings(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit,
+        seed=args.seed, dtype=args.dtype,
+    )
     result, path, recorded = runner.evaluate_entry(args.ref, spec, settings)
     if args.json:
         print(json.dumps({"ref": args.ref, "metrics": result.metrics(), "scores": str(path)}, indent=2))

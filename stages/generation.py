@@ -73,6 +73,7 @@ def generate(
     seed: int = 0,
     stop_token_ids: list[int] | None = None,
     sort_by_length: bool = False,
+    max_batch_tokens: int | None = None,
     progress: str | None = None,
 ) -> list[str]:
     """Answer chat prompts; returns decoded responses without special tokens, in the order of `prompts`.
@@ -81,8 +82,10 @@ def generate(
     Greedy: the prompts are spread over the ranks in batches of at most `batch_size`. Sampled: batches of
     exactly `batch_size`, batch i drawn with its own seed (from `seed` and i), without moving the caller's
     global RNG. `stop_token_ids`: the tokens that end an answer (default the tokenizer's eos; see
-    `end_of_turn_ids`). `sort_by_length`: batches of prompts of similar length, longest first (less padding;
-    a batch too large for memory fails at once). `progress`: a progress bar with this title (main process).
+    `end_of_turn_ids`). `sort_by_length` (greedy): batches of prompts of similar length, longest first (less
+    padding; a batch too large for memory fails at once), each also holding at most `max_batch_tokens` prompt
+    tokens once padded (a batch ends early where one long prompt would pad the others to its length).
+    `progress`: a progress bar with this title (main process).
     """
     chunk_size = batch_size if do_sample else distributed.spread_chunk_size(len(prompts), at_most=batch_size)
     order = list(range(len(prompts)))
@@ -99,7 +102,13 @@ def generate(
         return responses
 
     try:
-        answers = distributed.map_shards(answer, [prompts[index] for index in order], chunk_size)
+        if sort_by_length and not do_sample:
+            chunks = _length_sorted_chunks([lengths[index] for index in order], chunk_size, max_batch_tokens)
+            ordered = [[prompts[order[position]] for position in chunk] for chunk in chunks]
+            # One chunk per item: map_shards deals the (unequal) batches out to the ranks as it deals equal ones.
+            answers = [r for batch in distributed.map_shards(lambda i, one: [answer(i, one[0])], ordered, 1) for r in batch]
+        else:
+            answers = distributed.map_shards(answer, [prompts[index] for index in order], chunk_size)
     finally:
         if bar is not None:
             bar.close()
@@ -107,6 +116,22 @@ def generate(
     for position, index in enumerate(order):
         responses[index] = answers[position]
     return responses
+
+
+def _length_sorted_chunks(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Consecutive positions of length-sorted (longest first) prompts, cut into batches of at most `batch_size`
+    prompts and at most `max_batch_tokens` once padded to the batch's longest (its first) prompt."""
+    chunks: list[list[int]] = []
+    for position, length in enumerate(lengths):
+        chunk = chunks[-1] if chunks else None
+        fits = chunk is not None and len(chunk) < batch_size and (
+            max_batch_tokens is None or (len(chunk) + 1) * lengths[chunk[0]] <= max_batch_tokens
+        )
+        if fits:
+            chunk.append(position)
+        else:
+            chunks.append([position])
+    return chunks
 
 
 def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -4,7 +4,8 @@ Generation (stages/generation.py, the one place a faster engine would replace): 
 template, one user turn ready for the reply (`add_generation_prompt`), greedy, batched with left padding,
 prompts sorted by length, stopping at the model's end of turn (`generation.end_of_turn_ids`). Settings:
 `max_new_tokens` (default 384, as shared/DESIGN.md measured IFEval), `batch_size` (16 here on CPU; larger on
-a GPU), `dtype` (`auto`: bfloat16 on a GPU, float32 on a CPU), `limit` (a seeded subset, for quick looks).
+a GPU), `max_batch_tokens` (8192 padded prompt tokens: a long prompt gets a small batch), `dtype` (`auto`:
+bfloat16 on a GPU, float32 on a CPU), `limit` (a seeded subset, for quick looks).
 
 Files (`write_files`), next to the scores: `responses.jsonl` (`key`, `prompt`, `response`: the input of the
 packages' own `read_prompt_to_response_dict`, so anyone can re-score it with the official scripts),
@@ -26,6 +27,9 @@ from stages.core.files import atomic_write, write_json
 
 DEFAULT_MAX_NEW_TOKENS = 384
 DEFAULT_BATCH_SIZE = 16
+# Prompt tokens of one batch once padded: IFBench's longest prompt (2591 SmolLM2 tokens; the next 757, the median
+# ~100) would otherwise pad 15 others to its length, which took over 25 minutes of one CPU batch here.
+DEFAULT_MAX_BATCH_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -34,12 +38,13 @@ class Settings:
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # padded prompt tokens per batch; more on a GPU
     limit: int | None = None  # a seeded subset of this many prompts (None: all)
     seed: int = 1234  # the subset's seed
     dtype: str = "auto"  # auto | float32 | bfloat16
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size"):
+        for name in ("max_new_tokens", "batch_size", "max_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise suites.BenchmarkError(f"benchmark {name} must be positive, not {getattr(self, name)}")
         if self.limit is not None and self.limit <= 0:
@@ -69,6 +74,7 @@ class BenchmarkRun:
         return scores.as_metrics(self.benchmark.name, self.scores, prefix) | {
             base + "max_new_tokens": float(self.settings.max_new_tokens),
             base + "batch_size": float(self.settings.batch_size),
+            base + "max_batch_tokens": float(self.settings.max_batch_tokens),
             base + "seconds": round(self.seconds, 1),
         }
 
@@ -84,7 +90,7 @@ def run(model: Any, tokenizer: Any, benchmark: suites.Benchmark, settings: Setti
     responses = generation.generate(
         model, tokenizer, messages, settings.max_new_tokens, settings.batch_size,
         stop_token_ids=generation.end_of_turn_ids(model, tokenizer), sort_by_length=True,
-        progress=title or benchmark.name,
+        max_batch_tokens=settings.max_batch_tokens, progress=title or benchmark.name,
     )
     results = score_responses(benchmark, responses)
     return BenchmarkRun(benchmark, settings, scores.aggregate(results), results, time.time() - started)

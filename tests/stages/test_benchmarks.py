@@ -192,6 +192,9 @@ def test_generation_sorted_by_length_answers_in_the_callers_order(tiny_tokenizer
     plain = generation.generate(model, tiny_tokenizer, prompts, max_new_tokens=4, batch_size=1)
     ordered = generation.generate(model, tiny_tokenizer, prompts, max_new_tokens=4, batch_size=1, sort_by_length=True, progress="t")
     assert ordered == plain
+    # Longest first, at most 3 a batch, at most 100 padded prompt tokens a batch: the 60-token prompt alone.
+    assert generation._length_sorted_chunks([60, 30, 25, 20, 10, 5, 1], 3, 100) == [[0], [1, 2, 3], [4, 5, 6]]
+    assert generation._length_sorted_chunks([60, 30, 25, 20, 10], 3, None) == [[0, 1, 2], [3, 4]]
 
 
 def test_eval_benchmarks_inside_a_stage_scores_trained_model_and_start(tmp_path: Path) -> None:

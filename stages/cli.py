@@ -3,6 +3,7 @@
     rlhf sft --config configs/sft/tiny.yaml [key=value ...]
     rlhf registry list [--json] | show REF [--json] | gc [--delete-files] [--grace SECONDS] [--force]
     rlhf eval REF [--json] [--data FILE [--split S]]
+    rlhf eval REF --benchmark ifbench [--limit N] [--max-new-tokens T] [--batch-size B]   (or: --benchmark ifeval --data FILE)
     rlhf report RUN [RUN_B] [--out DIR]
 
 Stage modules are imported only when their command runs, and the registry commands import neither torch nor
@@ -72,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234, help="held-out draw; any seed stays disjoint from training")
     evaluate.add_argument("--data", help="score on this file or Hub dataset instead (any supported format: SFT rows or pairs)")
     evaluate.add_argument("--split", default="train", help="with --data: the split to read")
+    evaluate.add_argument(
+        "--benchmark", help="instruction following: ifbench (its 294 test prompts), or ifeval with --data FILE (any IFEval-format file)"
+    )
+    evaluate.add_argument("--limit", type=int, help="with --benchmark: a seeded subset of N prompts (--seed), for a quick look")
+    evaluate.add_argument("--max-new-tokens", type=int, default=384, help="with --benchmark: longest answer (default 384)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="with --benchmark: prompts per generation batch (more on a GPU)")
+    evaluate.add_argument("--max-batch-tokens", type=int, default=8192, help="with --benchmark: padded prompt tokens per batch (more on a GPU)")
+    evaluate.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --benchmark: auto = bf16 on a GPU, fp32 on a CPU")
     evaluate.set_defaults(command="eval", handler=_eval)
 
     report = commands.add_parser("report", help="offline HTML report of a recipe run, or two runs compared")
@@ -157,6 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
     from stages.core import models
     from stages.core.registry import Registry
 
+    if args.benchmark:
+        return _eval_benchmark(args)
     entry = Registry().get(args.ref)
     config = evaluation.for_entry(entry, num_prompts=args.num_prompts, seed=args.seed)  # its held-out families, its phrasings
     if args.data:
@@ -171,6 +182,23 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{entry.ref}")
         for key, value in metrics.items():
             print(f"  {key:<40} {value:.4f}")
+    return 0
+
+
+def _eval_benchmark(args: argparse.Namespace) -> int:
+    from stages.benchmarks import runner
+
+    spec = f"{args.benchmark}:{args.data}" if args.data else args.benchmark
+    settings = runner.Settings(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit,
+        seed=args.seed, dtype=args.dtype,
+    )
+    result, path, recorded = runner.evaluate_entry(args.ref, spec, settings)
+    if args.json:
+        print(json.dumps({"ref": args.ref, "metrics": result.metrics(), "scores": str(path)}, indent=2))
+    else:
+        print(runner.describe(result))
+        print(f"files: {path.parent} (responses.jsonl, results.jsonl, scores.json)\n{recorded}")
     return 0
 
 

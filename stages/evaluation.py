@@ -9,21 +9,23 @@ scores, each with a per-family breakdown (`KEY/FAMILY`):
 Generation (stages/generation.py) is batched with left padding and the KV cache; decoding is greedy
 so numbers are comparable between stages. Also here: the policy stage's metrics (reward, win rate, KL to
 the reference) on embedded or the user's held-out prompts, `rlhf eval` of a reward model on held-out embedded
-pairs, and `rlhf eval --data FILE` (evaluate_file; the user-data metrics themselves are in stages/heldout.py).
+pairs, and `rlhf eval --data FILE` (evaluate_file; the user-data metrics themselves are in stages/heldout.py), and
+`eval.benchmarks` (benchmark_metrics: IFBench and IFEval-format files, stages/benchmarks) for trained model and start.
 
 Collective under the deepspeed launcher, as generation is: every rank calls these functions.
-May import: `stages.core`, `stages.tasks`, `stages.generation`, `stages.heldout`, the torch-only math and `reward/`.
+May import: `stages.core`, `stages.tasks`, `stages.generation`, `stages.heldout`, `stages.benchmarks`, the torch-only math and `reward/`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages import tasks
+from stages import benchmarks, tasks
 from stages.core import distributed
 from stages.core.protocols import RewardFunction
 from stages.generation import SAMPLE_BATCH_SIZE, batch_rng, generate, left_padded_prompts
@@ -51,6 +53,18 @@ class EvalConfig:
         default=None, metadata={"help": "Phrasings of the embedded tasks (default stages/tasks/embedded_tasks.yaml): the file training used."}
     )
     num_samples: int = field(default=8, metadata={"help": "Sample generations kept for the report and W&B table."})
+    benchmarks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Instruction-following benchmarks scored after training, for the trained model and its start (eval/NAME/..., "
+            "eval/ref_NAME/...): ifbench, ifeval:FILE or an IFEval-format FILE (stages/benchmarks). Not for reward models."
+        },
+    )
+    benchmark_limit: int | None = field(default=None, metadata={"help": "A seeded subset (eval.seed) of this many prompts per benchmark (default: all)."})
+    benchmark_max_new_tokens: int = field(default=384, metadata={"help": "Longest benchmark answer; longer ones are cut (and mostly fail)."})
+    benchmark_batch_size: int = field(default=16, metadata={"help": "Benchmark prompts per generation batch; more is faster on a GPU, uses more memory."})
+    benchmark_max_batch_tokens: int = field(default=8192, metadata={"help": "Benchmark prompt tokens per batch once padded (a long prompt gets a small batch); more on a GPU."})
+    benchmark_dtype: str = field(default="auto", metadata={"help": "Benchmark generation dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16."})
     embedded: bool | None = field(
         default=None,
         metadata={"help": "Score the embedded tasks' held-out prompts (eval/exact_match ...). Default: when the stage trains on "
@@ -67,6 +81,21 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be positive")
         self.seen_tasks()  # unknown families, or every family held out, stop here
         tasks.load_templates(self.templates or tasks.DEFAULT_TEMPLATES)
+        if self.benchmarks:  # every file and instruction id checked now, before any compute
+            self.benchmark_settings()
+            names = [benchmarks.load(spec, self.benchmark_limit, self.seed).name for spec in self.benchmarks]
+            if len(set(names)) < len(names):
+                raise benchmarks.BenchmarkError(f"eval.benchmarks: two benchmarks scored by the same checkers ({', '.join(names)}) would share metric names; keep one")
+
+    def benchmark_settings(self) -> Any:
+        """The generation settings of eval.benchmarks (stages/benchmarks/runner.py)."""
+        from stages.benchmarks import runner
+
+        return runner.Settings(
+            max_new_tokens=self.benchmark_max_new_tokens, batch_size=self.benchmark_batch_size,
+            max_batch_tokens=self.benchmark_max_batch_tokens, limit=self.benchmark_limit,
+            seed=self.seed, dtype=self.benchmark_dtype,
+        )
 
     def seen_tasks(self) -> list[str]:
         """The evaluated families that training saw."""
@@ -151,6 +180,27 @@ def _exact_match(model: Any, tokenizer: Any, config: EvalConfig) -> tuple[dict[s
             ]
     metrics["eval/num_prompts"] = float(config.num_prompts)
     return metrics, samples, seen_responses
+
+
+def benchmark_metrics(model: Any, start: Any, tokenizer: Any, config: EvalConfig, output_dir: Path) -> dict[str, float]:
+    """eval.benchmarks for a trained model and the model its training started from, on the same prompts and
+    settings: `eval/NAME/...` and `eval/ref_NAME/...` (the four numbers, per type, counts, settings). Their
+    responses, per-prompt results and scores go to OUTPUT_DIR/benchmarks/NAME-SETTINGS/{model,start}/.
+    Run last in a stage's evaluation: the models may be cast to the benchmark dtype. Collective under the launcher."""
+    from stages.benchmarks import runner
+
+    settings = config.benchmark_settings()
+    metrics: dict[str, float] = {}
+    for spec in config.benchmarks:
+        benchmark = benchmarks.load(spec, settings.limit, settings.seed)
+        for who, scored, prefix in (("model", model, "eval/"), ("start", start, "eval/ref_")):
+            result = runner.run(scored, tokenizer, benchmark, settings, title=f"{benchmark.name} ({who})")
+            described = str(output_dir) if who == "model" else f"the model {output_dir} started from"
+            path = runner.write_files(result, output_dir / "benchmarks" / settings.folder(benchmark.name) / who, described)
+            if distributed.is_main_process():
+                print(f"{who}: {runner.describe(result, per_type=False)}\n  files: {path.parent}", flush=True)
+            metrics |= result.metrics(prefix)
+    return metrics
 
 
 def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int, seed: int) -> tuple[float, float]:

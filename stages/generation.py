@@ -71,20 +71,75 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
+    stop_token_ids: list[int] | None = None,
+    sort_by_length: bool = False,
+    max_batch_tokens: int | None = None,
+    progress: str | None = None,
 ) -> list[str]:
-    """Answer chat prompts; returns decoded responses without special tokens. Collective under the launcher.
+    """Answer chat prompts; returns decoded responses without special tokens, in the order of `prompts`.
+    Collective under the launcher.
 
     Greedy: the prompts are spread over the ranks in batches of at most `batch_size`. Sampled: batches of
     exactly `batch_size`, batch i drawn with its own seed (from `seed` and i), without moving the caller's
-    global RNG.
+    global RNG. `stop_token_ids`: the tokens that end an answer (default the tokenizer's eos; see
+    `end_of_turn_ids`). `sort_by_length` (greedy): batches of prompts of similar length, longest first (less
+    padding; a batch too large for memory fails at once), each also holding at most `max_batch_tokens` prompt
+    tokens once padded (a batch ends early where one long prompt would pad the others to its length).
+    `progress`: a progress bar with this title (main process).
     """
     chunk_size = batch_size if do_sample else distributed.spread_chunk_size(len(prompts), at_most=batch_size)
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        lengths = [len(encode_prompt(tokenizer, prompt)) for prompt in prompts]
+        order.sort(key=lambda index: -lengths[index])  # stable: equal lengths keep their order
+    bar = _progress_bar(progress, len(prompts))
 
     def answer(index: int, batch_prompts: list[Messages]) -> list[str]:
         with batch_rng(model, seed, index):  # only sampling draws from it
-            return _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample, temperature)
+            responses = _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample, temperature, stop_token_ids)
+        if bar is not None:
+            bar.update(min(len(batch_prompts) * distributed.world_size(), bar.total - bar.n))  # the other ranks answer alike
+        return responses
 
-    return distributed.map_shards(answer, prompts, chunk_size)
+    try:
+        if sort_by_length and not do_sample:
+            chunks = _length_sorted_chunks([lengths[index] for index in order], chunk_size, max_batch_tokens)
+            ordered = [[prompts[order[position]] for position in chunk] for chunk in chunks]
+            # One chunk per item: map_shards deals the (unequal) batches out to the ranks as it deals equal ones.
+            answers = [r for batch in distributed.map_shards(lambda i, one: [answer(i, one[0])], ordered, 1) for r in batch]
+        else:
+            answers = distributed.map_shards(answer, [prompts[index] for index in order], chunk_size)
+    finally:
+        if bar is not None:
+            bar.close()
+    responses = [""] * len(prompts)
+    for position, index in enumerate(order):
+        responses[index] = answers[position]
+    return responses
+
+
+def _length_sorted_chunks(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Consecutive positions of length-sorted (longest first) prompts, cut into batches of at most `batch_size`
+    prompts and at most `max_batch_tokens` once padded to the batch's longest (its first) prompt."""
+    chunks: list[list[int]] = []
+    for position, length in enumerate(lengths):
+        chunk = chunks[-1] if chunks else None
+        fits = chunk is not None and len(chunk) < batch_size and (
+            max_batch_tokens is None or (len(chunk) + 1) * lengths[chunk[0]] <= max_batch_tokens
+        )
+        if fits:
+            chunk.append(position)
+        else:
+            chunks.append([position])
+    return chunks
+
+
+def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end the assistant's turn: the tokenizer's eos and every eos of the model's generation
+    config (SmolLM2: `<|im_end|>`; Llama 3 lists `<|eot_id|>` there too)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({token for token in [tokenizer.eos_token_id, *configured] if token is not None})
 
 
 def sample_responses(
@@ -94,9 +149,18 @@ def sample_responses(
     return generate(model, tokenizer, prompts, max_new_tokens, SAMPLE_BATCH_SIZE, do_sample=True, temperature=temperature, seed=seed)
 
 
+def _progress_bar(title: str | None, total: int) -> Any:
+    if title is None or not distributed.is_main_process():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=title, unit="prompt", dynamic_ncols=True)
+
+
 @torch.no_grad()
 def _generate_batch(
-    model: Any, tokenizer: Any, prompts: list[Messages], max_new_tokens: int, do_sample: bool, temperature: float
+    model: Any, tokenizer: Any, prompts: list[Messages], max_new_tokens: int, do_sample: bool, temperature: float,
+    stop_token_ids: list[int] | None = None,
 ) -> list[str]:
     was_training = model.training
     model.eval()
@@ -110,7 +174,7 @@ def _generate_batch(
             top_p=None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids or tokenizer.eos_token_id,
         )
         new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

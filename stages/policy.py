@@ -165,6 +165,8 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
                 data_metrics |= heldout.dpo_pair_metrics(saved, reference, tokenizer, heldout_pairs[:count], beta, config.eval.batch_size, prefix)
             stage.record(**data_metrics)
             stage.samples = stage.samples or data_samples
+        if config.eval.enabled and config.eval.benchmarks:  # IFBench / IFEval-format files, policy and reference; last: may cast dtype
+            stage.record(**evaluation.benchmark_metrics(saved, reference, tokenizer, config.eval, stage.output_dir))
 
         # -- register (on leaving the block) ----------------------------------------------------
         stage.card = {

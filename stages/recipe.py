@@ -47,6 +47,10 @@ SUMMARY_METRICS = (
     "eval/exact_match", "eval/exact_match_unseen_templates", "eval/exact_match_unseen_tasks",
     "eval/pairwise_accuracy", "eval/reward_mean", "eval/win_rate", "eval/kl_to_ref",
 )
+# eval.benchmarks (stages/benchmarks): the four numbers of each (in the table), the unavailable count and the
+# per-type accuracies (summary.json only: the report draws them), e.g. eval/ifbench/prompt_loose, eval/ifbench/strict/ID.
+BENCHMARK_HEADLINE = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+BENCHMARK_KEY = re.compile(r"^eval/(?!ref_)[a-z0-9_]+/(?:" + "|".join(BENCHMARK_HEADLINE) + r"|unavailable|(?:strict|loose)/.+)$")
 
 
 @dataclass
@@ -227,6 +231,8 @@ def main(argv: list[str]) -> int:
 def print_table(results: list[dict[str, Any]]) -> None:
     """One row per stage, and first the base model as the SFT stage scored it: base -> SFT -> policy."""
     keys = [key for key in SUMMARY_METRICS if any(key in r["metrics"] for r in results)]
+    benchmark_keys = {key for r in results for key in r["metrics"] if BENCHMARK_KEY.match(key) and key.rsplit("/", 1)[-1] in BENCHMARK_HEADLINE}
+    keys += sorted(benchmark_keys, key=lambda key: (key.split("/")[1], BENCHMARK_HEADLINE.index(key.rsplit("/", 1)[-1])))
     header = ["stage", "algorithm", "registry", "seconds", *[key.split("/", 1)[1] for key in keys]]
     rows = [header]
     for r in results:
@@ -286,9 +292,12 @@ def _ready_entry(registry: Registry, name: str) -> Any:
 
 def _result(stage: str, entry: Any, seconds: float, kind: str | None = None) -> dict[str, Any]:
     kind = kind or stage
-    metrics = {key: entry.metrics[key] for key in SUMMARY_METRICS if key in entry.metrics}
+    metrics = {key: value for key, value in entry.metrics.items() if key in SUMMARY_METRICS or BENCHMARK_KEY.match(key)}
     # The SFT stage scores the base it started from on the same prompts (eval/ref_*): the table's first row.
-    start = {key: entry.metrics[reference] for key in SUMMARY_METRICS if (reference := key.replace("eval/", "eval/ref_", 1)) in entry.metrics}
+    start = {
+        key: value for reference, value in entry.metrics.items()
+        if reference.startswith("eval/ref_") and ((key := reference.replace("eval/ref_", "eval/", 1)) in SUMMARY_METRICS or BENCHMARK_KEY.match(key))
+    }
     return {
         "stage": stage,
         "algorithm": entry.metrics.get("algorithm") if kind == "policy" else None,

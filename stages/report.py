@@ -31,6 +31,7 @@ from stages import tasks
 from stages.core.errors import UserError
 from stages.core.registry import Entry, Registry, RegistryError, rlhf_home
 
+_PER_TYPE = re.compile(r"^eval/[^/]+/(?:strict|loose)/")  # eval.benchmarks' accuracy per instruction type
 GENERATOR = "rlhf-stages report"  # marks a folder as a report, so writing it again may replace its figures
 STAGE_TITLES = {"sft": "SFT", "reward": "Reward model", "policy": "Policy"}
 
@@ -113,6 +114,7 @@ def write_report(references: list[str], out: str | Path | None = None) -> Path:
         f"<h1>rlhf report: {html.escape(title)}</h1>",
         f"<p class=meta>Written {time.strftime('%Y-%m-%d %H:%M')} from {', '.join(html.escape(str(r.directory)) for r in runs)}</p>",
         "<h2>Held-out metrics</h2>", _metrics_table(runs),
+        *_benchmark_section(runs, out / "figures"),
         "<h2>Training curves</h2>", figures,
         "<h2>Sample generations</h2>", *[_samples_table(run) for run in runs],
         "<h2>Lineage of the final model</h2>", *[_lineage_table(run) for run in runs],
@@ -303,9 +305,30 @@ def _series(history: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, 
 
 # -- tables --------------------------------------------------------------------------------------
 
+def _benchmark_section(runs: list[RunRecord], directory: Path) -> list[str]:
+    """eval.benchmarks: per benchmark, accuracy per instruction type of the base (as SFT scored it) and each trained stage."""
+    from stages.benchmarks import chart
+
+    sections = []
+    for run in runs:
+        for name in sorted({n for stage in run.stages.values() for n in chart.benchmark_names(stage.metrics)}):
+            models = [(f"{stage.stage} start ({(stage.start or {}).get('registry') or 'base'})", chart.per_type(stage.start["metrics"], name))
+                      for stage in run.stages.values() if stage.start and chart.per_type(stage.start.get("metrics", {}), name)]
+            models += [(f"{stage.stage}" + (f" ({stage.algorithm})" if stage.algorithm else ""), chart.per_type(stage.metrics, name))
+                       for stage in run.stages.values() if chart.per_type(stage.metrics, name)]
+            filename = f"benchmark_{re.sub(r'[^a-z0-9]+', '_', (run.name + '_' + name).lower()).strip('_')}.png"
+            directory.mkdir(parents=True, exist_ok=True)
+            chart.per_type_figure(name, models).savefig(directory / filename, dpi=100)
+            sections.append(f"<figure><img src='figures/{filename}' alt='{html.escape(name)} per instruction type'>"
+                            f"<figcaption>{html.escape(run.name)}: {html.escape(name)}, strict accuracy per instruction type "
+                            "(the four numbers are in the table above; responses and per-prompt results in each stage's benchmarks/ folder)</figcaption></figure>")
+    return ["<h2>Instruction-following benchmarks</h2>", *sections] if sections else []
+
+
 def _metrics_table(runs: list[RunRecord]) -> str:
-    """The numbers of summary.json: one row per stage (and run), and first the base model as SFT scored it."""
-    keys = list(dict.fromkeys(key for run in runs for stage in run.stages.values() for key in stage.metrics))
+    """The numbers of summary.json: one row per stage (and run), and first the base model as SFT scored it
+    (per-instruction-type benchmark accuracies are drawn instead: _benchmark_section)."""
+    keys = list(dict.fromkeys(key for run in runs for stage in run.stages.values() for key in stage.metrics if not _PER_TYPE.search(key)))
     header = (["run"] if len(runs) > 1 else []) + ["stage", "algorithm", "registry", "seconds"] + [key.removeprefix("eval/") for key in keys]
     rows = []
     for run in runs:

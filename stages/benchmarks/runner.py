@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.benchmarks import checkers, scores, suites
+from reward import checkers
+from stages.benchmarks import scores, suites
 from stages.core import distributed
 from stages.core.files import atomic_write, write_json
 

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from stages.benchmarks.checkers import InstructionScore
+from reward.checkers import InstructionScore
 
 HEADLINE = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.benchmarks import checkers
+from reward import checkers
 from stages.core.errors import UserError
 
 FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")

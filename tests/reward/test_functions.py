@@ -141,3 +141,25 @@ def test_exact_answer_gives_ppo_the_same_run_as_the_embedded_verifier(tmp_path: 
     through_functions = run(lambda prompts, responses: functions.score(prompts, responses, columns_of(prompts)), "functions")
     assert direct == through_functions
     assert 0 < sum(step["ppo/reward_raw"] for step in direct) < len(direct), "the reward must vary for the comparison to mean anything"
+
+
+def test_instruction_constraints_is_the_share_of_followed_instructions_by_the_official_checkers() -> None:
+    """IFEval's own checkers (if-verifiable) through reward/checkers.py: all lowercase, no commas, an end phrase."""
+    ids = ["change_case:english_lowercase", "punctuation:no_comma", "startend:end_checker"]
+    arguments = [{}, {}, {"end_phrase": "Is there anything else I can help with?"}]
+    responses = [
+        "the river runs east and the hills stay green. is there anything else i can help with?",  # all 3 (IFEval's end check ignores case)
+        "The river runs east, and the hills stay green. Is there anything else I can help with?",  # the end phrase only
+        "the river runs east and the hills stay green. Is there anything else I can help with?",  # no comma, end phrase ('Is' is upper)
+        "fine",  # no comma only: IFEval's lowercase check also asks langdetect for English, and one word is not
+    ]
+    columns = {"instruction_id_list": [ids] * 4, "kwargs": [arguments] * 4, "key": [1, 2, 3, 4]}
+    prompts = [[{"role": "user", "content": "Describe a river."}]] * 4
+    strict = _functions({"name": "instruction_constraints"}).score(prompts, responses, columns)
+    assert strict == pytest.approx([1.0, 1 / 3, 2 / 3, 1 / 3])
+    guarded = _functions({"name": "instruction_constraints", "options": {"min_words": 3}}).score(prompts, responses, columns)
+    assert guarded == pytest.approx([1.0, 1 / 3, 2 / 3, 0.0]), "a one-word answer passes no-comma, and gets nothing"
+    with pytest.raises(RewardFunctionError, match="instruction_constraints needs the prompt rows' instruction_id_list and kwargs"):
+        _functions({"name": "instruction_constraints"}).score(prompts, responses, {"answer": [None] * 4})
+    with pytest.raises(RewardFunctionError, match="mode must be strict or loose, not 'lenient'"):
+        _functions({"name": "instruction_constraints", "options": {"mode": "lenient"}}).score(prompts, responses, columns)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.benchmarks import checkers, scores, suites
-from stages.benchmarks.checkers import InstructionScore
+from reward import checkers
+from stages.benchmarks import scores, suites
+from reward.checkers import InstructionScore
 from stages.benchmarks.scores import PromptResult
 
 BENCHMARK_DATA = Path(__file__).resolve().parents[1] / "data" / "benchmarks"

@@ -21,6 +21,8 @@ What this module adds around them, each for a measured reason (shared/DESIGN.md)
   with a letter such as '#'), so the global `random` is seeded per (prompt key, instruction index) and
   restored afterwards, and `langdetect` is seeded: a score does not depend on the subset or the order.
 
+Used by the benchmarks (stages/benchmarks) and by the `instruction_constraints` reward function
+(reward/functions.py): one adapter, so a reward and a benchmark score an instruction the same way.
 May import: the standard library and the checker packages (imported lazily); nothing of ours but
 `stages.core.errors`.
 """

@@ -1,6 +1,11 @@
 """Generation shared by every stage and our PPO: chat prompts encoded and left padded, greedy or sampled
 answers, each sampled batch seeded on its own.
 
+Decoding is our own loop (`_decode`), not `model.generate`: the KV cache is written in place
+(stages/core/kv_cache.py) and a row that has stopped leaves the batch. It gives the tokens `model.generate`
+gives for the same batch, greedy and sampled (tests/stages/test_generation.py); bench/generation.py measures it.
+Models whose cache is not plain full attention (sliding windows...) keep `model.generate`.
+
 Under the deepspeed launcher `generate` is collective: every rank calls it, answers its share of the
 batches (core.distributed.map_shards) and gets every answer. Sampled batches have a fixed size and a
 seed of their own (`batch_seed`), so on-policy samples are the same at any number of ranks.

@@ -188,10 +188,9 @@ def _decode(
     layout is not plain full attention (see stages.core.kv_cache).
 
     It computes what `model.generate` computes for this left-padded batch (same inputs, positions, masks and
-    attention shapes; the cache written in place instead of concatenated), with two differences that change no
-    token: only the logits of the last position are computed (as generate does), and a row that has stopped
-    leaves the batch instead of generating padding until the longest row ends (IFBench's answers run from a few
-    to hundreds of tokens). Sampling draws what `torch.multinomial` would for the whole batch (see `_next_tokens`),
+    attention shapes, logits of the last position only; the cache written in place instead of concatenated),
+    except that a row that has stopped leaves the batch instead of generating padding until the longest row ends
+    (IFBench's answers run from a few to hundreds of tokens): each remaining row's numbers do not change. Sampling draws what `torch.multinomial` would for the whole batch (see `_next_tokens`),
     so a sampled batch's answers are those of `model.generate` under the same seed too.
     """
     batch, width = input_ids.shape

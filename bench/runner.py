@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from bench.common import RESULT_MARKER, ROOT
 from bench.environment import arm_environment
@@ -38,6 +38,9 @@ class Comparison:
     unit: str  # of the results' "amount" (tokens, pairs, episodes): rates are amount / seconds
     columns: list[tuple[str, str, str]] = field(default_factory=list)  # (result key, header, format)
     check_work: bool = True
+    # Adds keys to the runs once every repeat is in (arm name -> runs): measures that compare arms within a
+    # repeat beyond the rate ratio (the generation suite's identical answers and share of the limit).
+    derive: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None
 
 
 @dataclass
@@ -144,6 +147,8 @@ def run_comparison(comparison: Comparison, repeats: int, threads: int, timeout: 
             print(f"   repeat {repeat + 1}: {arm.name:<22} {result['rate']:9.1f} {comparison.unit}/s"
                   f" ({result['cpu_rate']:.1f} per CPU-s; {result['seconds']:.1f} s timed,"
                   f" {result['process_seconds']:.0f} s process)", flush=True)
+    if comparison.derive is not None:
+        comparison.derive(results)
     if comparison.check_work:
         problems += _work_mismatches(results)
     return Outcome(comparison, results, problems)

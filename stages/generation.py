@@ -1,6 +1,11 @@
 """Generation shared by every stage and our PPO: chat prompts encoded and left padded, greedy or sampled
 answers, each sampled batch seeded on its own.
 
+Decoding is our own loop (`_decode`), not `model.generate`: the KV cache is written in place
+(stages/core/kv_cache.py) and a row that has stopped leaves the batch. It gives the tokens `model.generate`
+gives for the same batch, greedy and sampled (tests/stages/test_generation.py); bench/generation.py measures it.
+Models whose cache is not plain full attention (sliding windows...) keep `model.generate`.
+
 Under the deepspeed launcher `generate` is collective: every rank calls it, answers its share of the
 batches (core.distributed.map_shards) and gets every answer. Sampled batches have a fixed size and a
 seed of their own (`batch_seed`), so on-policy samples are the same at any number of ranks.
@@ -15,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from stages.core import distributed
+from stages.core import distributed, kv_cache
 
 Messages = list[dict[str, str]]
 # Sampled generation runs in batches of this size, each with its own seed: the samples then do not depend
@@ -166,17 +171,85 @@ def _generate_batch(
     model.eval()
     try:
         batch = left_padded_prompts(tokenizer, prompts, model.device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_token_ids or tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]  # (batch, generated_len)
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        stop_ids = stop_token_ids or _as_list(tokenizer.eos_token_id)
+        answers = _decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens, stop_ids, do_sample, temperature)
+        if answers is None:  # a cache layout our loop does not reproduce (sliding windows...): transformers' loop
+            answers = _plain_generate(model, batch, max_new_tokens, stop_ids, do_sample, temperature, tokenizer.pad_token_id)
+        return tokenizer.batch_decode(answers, skip_special_tokens=True)
     finally:
         model.train(was_training)
+
+
+def _decode(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+    do_sample: bool, temperature: float,
+) -> list[list[int]] | None:
+    """Our decode loop: each row's new tokens, up to and including its stop token. None where the model's cache
+    layout is not plain full attention (see stages.core.kv_cache).
+
+    It computes what `model.generate` computes for this left-padded batch (same inputs, positions, masks and
+    attention shapes, logits of the last position only; the cache written in place instead of concatenated),
+    except that a row that has stopped leaves the batch instead of generating padding until the longest row ends
+    (IFBench's answers run from a few to hundreds of tokens): each remaining row's numbers do not change. Sampling draws what `torch.multinomial` would for the whole batch (see `_next_tokens`),
+    so a sampled batch's answers are those of `model.generate` under the same seed too.
+    """
+    batch, width = input_ids.shape
+    cache = kv_cache.preallocated_cache(model, width + max_new_tokens)
+    if cache is None:
+        return None
+    stop = torch.tensor(stop_ids, device=input_ids.device)
+    rows = torch.arange(batch, device=input_ids.device)  # the batch row of each active row
+    # Positions as generate derives them from the mask: left padding shifts no prompt (pads sit at position 1).
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    inputs = input_ids
+    for step in range(max_new_tokens):
+        logits = model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (active, vocab)
+        tokens = _next_tokens(logits, do_sample, temperature, batch, rows)
+        for row, token in zip(rows.tolist(), tokens.tolist()):
+            answers[row].append(token)
+        finished = torch.isin(tokens, stop)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if bool(finished.any()):
+            keep = (~finished).nonzero().flatten()
+            rows, tokens, attention_mask, position_ids = rows[keep], tokens[keep], attention_mask[keep], position_ids[keep]
+            kv_cache.select_rows(cache, keep)
+        inputs = tokens[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    return answers
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, batch: int, rows: torch.Tensor) -> torch.Tensor:
+    """Greedy: the argmax. Sampled: softmax(logits / temperature), drawn as `torch.multinomial(probs, 1)` draws it
+    (argmax of probs / Exp(1) noise), with the noise of every row of the batch drawn each step and the active rows'
+    taken: the global RNG advances as under `model.generate`, where stopped rows still draw, so the samples match
+    its samples and do not depend on which rows have left."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    noise = torch.empty((batch, probs.shape[-1]), device=probs.device).exponential_(1)[rows]
+    return (probs / noise).argmax(dim=-1)
+
+
+def _plain_generate(
+    model: Any, batch: dict[str, torch.Tensor], max_new_tokens: int, stop_ids: list[int], do_sample: bool,
+    temperature: float, pad_token_id: int,
+) -> list[list[int]]:
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad_token_id,
+        eos_token_id=stop_ids,
+    )
+    return output[:, batch["input_ids"].shape[1] :].tolist()  # (batch, generated_len); padding decodes to nothing
+
+
+def _as_list(token_ids: int | list[int] | None) -> list[int]:
+    return [] if token_ids is None else token_ids if isinstance(token_ids, list) else [token_ids]

@@ -91,7 +91,7 @@ def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         data.load_sft_rows(DatasetSpec(source=str(tmp_path / "d.csv")), seed=0)
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", \n')
-    with pytest.raises(DataError, match="broken.jsonl: could not be read"):
+    with pytest.raises(DataError, match="broken.jsonl line 1: could not be read as .jsonl, not valid JSON"):
         data.load_sft_rows(DatasetSpec(source=str(tmp_path / "broken.jsonl")), seed=0)
     path = _jsonl(tmp_path, [{"prompt": "q", "completion": "a"}, {"prompt": "q"}], name="partial.jsonl")
     with pytest.raises(DataError, match="partial.jsonl row 1: missing column 'completion'"):

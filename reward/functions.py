@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from stages.core.config import ConfigError
 from stages.core.errors import UserError
-from stages.core.protocols import Messages
+from stages.core.protocols import Messages, prompt_key
 
 
 class RewardFunctionError(UserError, RuntimeError):
@@ -210,13 +209,13 @@ def call(function: Callable[..., Sequence[float]], label: str, prompts: list[Mes
 def bind_columns(rows: list[dict[str, Any]]) -> Callable[[list[Messages]], dict[str, list[Any]]]:
     """For callers that hold prompts only (our PPO's rollouts, evaluation): the other columns of each prompt's
     row, looked up by the prompt. A prompt that is not among the rows is an error, not a silent 0."""
-    by_prompt = {_key(row["prompt"]): row for row in rows}
+    by_prompt = {prompt_key(row["prompt"]): row for row in rows}
     names = sorted({key for row in rows for key in row if key != "prompt"})
 
     def columns(prompts: list[Messages]) -> dict[str, list[Any]]:
         found = []
         for prompt in prompts:
-            row = by_prompt.get(_key(prompt))
+            row = by_prompt.get(prompt_key(prompt))
             if row is None:
                 raise RewardFunctionError(f"reward functions: no prompt row holds the prompt {_short(prompt)}")
             found.append(row)
@@ -238,7 +237,4 @@ def _short(prompt: Messages | str) -> str:
     text = prompt if isinstance(prompt, str) else (prompt[-1]["content"] if prompt else "")
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
-
-def _key(messages: Messages) -> str:
-    return json.dumps([[message["role"], message["content"]] for message in messages])
 

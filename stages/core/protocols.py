@@ -7,6 +7,7 @@ with their own convention (keyword columns, completions as messages); `as_trl_re
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
@@ -19,6 +20,11 @@ class RewardFunction(Protocol):
     def __call__(self, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         """One score per (prompt, response), shape (batch,)."""
         ...
+
+
+def prompt_key(messages: Messages) -> str:
+    """A chat prompt as a hashable key: callers that hold prompts only look their rows' columns up by it."""
+    return json.dumps([[message["role"], message["content"]] for message in messages])
 
 
 def as_trl_reward(function: RewardFunction, name: str) -> Callable[..., list[float]]:

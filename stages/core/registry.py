@@ -174,6 +174,7 @@ class Registry:
         once remove each entry once, and a stage taking an entry over (resume) sees it whole or not at all."""
         removed, skipped, warnings, doomed = [], [], [], []
         with self._transaction() as db:
+            ready_paths = {entry.path for entry in self._ready(db)}  # a directory a ready entry points to is never deleted
             for (record,) in db.execute("SELECT record FROM entries WHERE status != 'ready' ORDER BY created").fetchall():
                 entry = _load(record)
                 verdict = ownership.gc_verdict(entry.status, entry.owner, entry.heartbeat, entry.created, grace, force)
@@ -184,7 +185,7 @@ class Registry:
                     warnings.append(f"{entry.ref}: {verdict.warning}")
                 db.execute("DELETE FROM entries WHERE name = ? AND version = ?", (entry.name, entry.version))
                 removed.append(entry)
-                if delete_files and Path(entry.path).exists() and not any(e.path == entry.path for e in self._ready(db)):
+                if delete_files and Path(entry.path).exists() and entry.path not in ready_paths:
                     aside = Path(entry.path).with_name(f".{Path(entry.path).name}.gc-{os.getpid()}")
                     Path(entry.path).rename(aside)
                     doomed.append(aside)

@@ -6,10 +6,9 @@ PPO calls it as it is and TRL's GRPO/RLOO through `protocols.as_trl_reward`.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from stages.core.protocols import Messages, RewardFunction
+from stages.core.protocols import Messages, RewardFunction, prompt_key
 
 
 def is_correct(response: str, answer: str) -> bool:
@@ -22,12 +21,12 @@ def answer_reward(rows: list[dict[str, Any]]) -> RewardFunction:
     (chat messages) with its `answer`. A prompt that is not among the rows is an error, not a silent 0."""
     import torch
 
-    answers = {_key(row["prompt"]): row["answer"] for row in rows}
+    answers = {prompt_key(row["prompt"]): row["answer"] for row in rows}
 
     def exact_answer_reward(prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         scores = []
         for prompt, response in zip(prompts, responses):
-            key = _key(prompt)
+            key = prompt_key(prompt)
             if key not in answers:
                 raise KeyError(f"answer_reward: no answer known for the prompt {prompt!r}")
             scores.append(float(is_correct(response, answers[key])))
@@ -35,6 +34,3 @@ def answer_reward(rows: list[dict[str, Any]]) -> RewardFunction:
 
     return exact_answer_reward
 
-
-def _key(messages: Messages) -> str:
-    return json.dumps([[message["role"], message["content"]] for message in messages])

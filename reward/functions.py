@@ -45,7 +45,7 @@ class RewardFunctionSpec:
     """One entry of `reward_functions:`: exactly one of name (built-in), path (FILE.py:FUNCTION) or module
     (package.module:FUNCTION), and its weight."""
 
-    name: str | None = field(default=None, metadata={"help": "A built-in: exact_answer | instruction_constraints (options: mode, suite, min_words)."})
+    name: str | None = field(default=None, metadata={"help": "A built-in: exact_answer | instruction_constraints (options: mode, suite, min_words, task_check, max_repetition)."})
     path: str | None = field(default=None, metadata={"help": "Your file and function, e.g. my_rewards.py:score."})
     module: str | None = field(default=None, metadata={"help": "An importable module and function, e.g. my_package.rewards:score."})
     weight: float = field(default=1.0, metadata={"help": "Weight of this function in the total reward."})
@@ -87,23 +87,30 @@ def exact_answer(prompts: list[Messages], responses: list[str], answer: Sequence
 def instruction_constraints(
     prompts: list[Messages], responses: list[str], instruction_id_list: Sequence[list[str]] | None = None,
     kwargs: Sequence[list[dict[str, Any] | None]] | None = None, key: Sequence[Any] | None = None,
-    mode: str = "strict", suite: str = "ifeval", min_words: int = 0, **_: Any,
+    mode: str = "strict", suite: str = "ifeval", min_words: int = 0, task_keywords: Sequence[list[str] | None] | None = None,
+    task_check: bool = False, max_repetition: float | None = None, **_: Any,
 ) -> list[float]:
     """The share of a row's instructions (IFEval's schema: `instruction_id_list`, `kwargs`) its response follows,
     judged by the checker package's own functions (reward/checkers.py; `suite`: ifeval or ifbench; `mode`:
     strict or loose). A checker that cannot run (a missing NLTK resource) is left out of the share, never
-    counted as followed; a row with no checkable instruction is an error. Guard: a response of fewer than
-    `min_words` words scores 0 whatever it follows (an empty or one-word answer passes "all lowercase")."""
+    counted as followed; a row with no checkable instruction is an error.
+    Guards against answers that follow the form and skip the task (each scores 0 whatever it follows):
+    - fewer than `min_words` words (an empty or one-word answer passes "all lowercase" and "no commas");
+    - `task_check`: the row's `task_keywords` (the base task's own check, stages/tasks/instructions.py) and none of
+      them in the answer (case-insensitive): off task;
+    - `max_repetition`: more than this share of the answer's word 4-grams are repeats (a loop until the token cap)."""
     from reward import checkers
 
     if mode not in ("strict", "loose"):
         raise ValueError(f"instruction_constraints: mode must be strict or loose, not {mode!r}")
     if instruction_id_list is None or kwargs is None:
         raise ValueError("instruction_constraints needs the prompt rows' instruction_id_list and kwargs columns (IFEval's schema)")
+    if task_check and task_keywords is None:
+        raise ValueError("instruction_constraints: task_check needs the prompt rows' task_keywords column (stages/tasks/instructions.py writes it)")
     scores = []
     for row, (prompt, response, ids, arguments) in enumerate(zip(prompts, responses, instruction_id_list, kwargs)):
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        if len(response.split()) < min_words:
+        if _off_task(response, min_words, task_keywords[row] if task_check and task_keywords is not None else None, max_repetition):
             scores.append(0.0)
             continue
         verdicts = [
@@ -116,6 +123,21 @@ def instruction_constraints(
             raise ValueError(f"instruction_constraints: no instruction of prompt {_short(prompt)} can be checked ({problems})")
         scores.append(sum(scored) / len(scored))
     return scores
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """The share of the text's word n-grams that repeat an earlier one: 0 for varied prose, near 1 for a loop."""
+    words = text.lower().split()
+    grams = [tuple(words[index : index + n]) for index in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _off_task(response: str, min_words: int, keywords: list[str] | None, max_repetition: float | None) -> bool:
+    if len(response.split()) < min_words:
+        return True
+    if keywords and not any(keyword.lower() in response.lower() for keyword in keywords):
+        return True
+    return max_repetition is not None and repetition(response) > max_repetition
 
 
 BUILTINS: dict[str, Callable[..., Sequence[float]]] = {"exact_answer": exact_answer, "instruction_constraints": instruction_constraints}

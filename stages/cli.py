@@ -16,6 +16,7 @@ import argparse
 import importlib
 from collections import Counter
 import json
+from pathlib import Path
 import sys
 import time
 from typing import Any
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo).")
     parser.set_defaults(command=None)
-    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,sample,run,registry,eval,report}")
+    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,sample,run,registry,eval,instructions,report}")
     for stage in STAGE_MODULES:
         commands.add_parser(stage, help=f"run the {stage} stage: --config FILE [key=value ...]")
     commands.add_parser("run", help="run a recipe: RECIPE.yaml [key=value ...] [--dry-run]")
@@ -82,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batch-tokens", type=int, default=8192, help="with --benchmark: padded prompt tokens per batch (more on a GPU)")
     evaluate.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --benchmark: auto = bf16 on a GPU, fp32 on a CPU")
     evaluate.set_defaults(command="eval", handler=_eval)
+
+    prompts = commands.add_parser("instructions", help="write instruction prompts with verifiable constraints (IFEval schema): train and held-out splits")
+    prompts.add_argument("out", help="folder for train.jsonl, heldout_tasks.jsonl, heldout_constraints.jsonl and manifest.json")
+    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--train", type=int, default=3000, help="training prompts")
+    prompts.add_argument("--heldout-tasks", type=int, default=300, help="held-out base tasks with the training constraint types")
+    prompts.add_argument("--heldout-constraints", type=int, default=200, help="held-out base tasks with held-out constraint types only")
+    prompts.add_argument("--heldout-types", help="comma-separated IFEval instruction ids held out of training (default: stages/tasks/instructions.py)")
+    prompts.add_argument("--heldout-templates", help="comma-separated base-task templates (kind/id) held out of training")
+    prompts.set_defaults(command="instructions", handler=_instructions)
 
     report = commands.add_parser("report", help="offline HTML report of a recipe run, or two runs compared")
     report.add_argument("runs", nargs="+", metavar="RUN", help="run name under RLHF_HOME, or a run directory; give two to compare")
@@ -199,6 +210,21 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     else:
         print(runner.describe(result))
         print(f"files: {path.parent} (responses.jsonl, results.jsonl, scores.json)\n{recorded}")
+    return 0
+
+
+def _instructions(args: argparse.Namespace) -> int:
+    from stages.core.config import ConfigError
+    from stages.tasks import instructions
+
+    chosen = {name: value.split(",") for name, value in (("heldout_types", args.heldout_types), ("heldout_templates", args.heldout_templates)) if value}
+    try:
+        settings = instructions.InstructionSet(**chosen)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    counts = {"train": args.train, "heldout_tasks": args.heldout_tasks, "heldout_constraints": args.heldout_constraints}
+    for split, path in instructions.write(Path(args.out), counts, args.seed, settings).items():
+        print(f"{split:<20} {counts[split]:>6} prompts  {path}")
     return 0
 
 

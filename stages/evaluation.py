@@ -65,6 +65,9 @@ class EvalConfig:
     benchmark_batch_size: int = field(default=16, metadata={"help": "Benchmark prompts per generation batch; more is faster on a GPU, uses more memory."})
     benchmark_max_batch_tokens: int = field(default=8192, metadata={"help": "Benchmark prompt tokens per batch once padded (a long prompt gets a small batch); more on a GPU."})
     benchmark_dtype: str = field(default="auto", metadata={"help": "Benchmark generation dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16."})
+    benchmark_start: bool = field(default=True, metadata={
+        "help": "Score the model the stage started from on eval.benchmarks too (eval/ref_NAME/...); false in a chained recipe "
+                "where the previous stage already scored that model on the same prompts."})
     embedded: bool | None = field(
         default=None,
         metadata={"help": "Score the embedded tasks' held-out prompts (eval/exact_match ...). Default: when the stage trains on "
@@ -193,7 +196,7 @@ def benchmark_metrics(model: Any, start: Any, tokenizer: Any, config: EvalConfig
     metrics: dict[str, float] = {}
     for spec in config.benchmarks:
         benchmark = benchmarks.load(spec, settings.limit, settings.seed)
-        for who, scored, prefix in (("model", model, "eval/"), ("start", start, "eval/ref_")):
+        for who, scored, prefix in (("model", model, "eval/"), ("start", start, "eval/ref_"))[: 2 if config.benchmark_start else 1]:
             result = runner.run(scored, tokenizer, benchmark, settings, title=f"{benchmark.name} ({who})")
             described = str(output_dir) if who == "model" else f"the model {output_dir} started from"
             path = runner.write_files(result, output_dir / "benchmarks" / settings.folder(benchmark.name) / who, described)

@@ -41,6 +41,7 @@ from stages.data import mixture
 from stages.data.files import SAMPLES_SPLITS
 from stages.data.prompts import load_prompt_rows
 from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
+from stages.tasks import constraints
 
 SAMPLES_FILE, ROWS_FILE, PAIRS_FILE = (SAMPLES_SPLITS[split] for split in ("samples", "rows", "pairs"))
 
@@ -66,6 +67,10 @@ class SampleStageConfig(StageConfig):
     reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model's score in the total."})
     keep_threshold: float | None = field(default=None, metadata={"help": "rows: keep a prompt's best sample only if its score is at least this (null: always)."})
     min_margin: float = field(default=0.0, metadata={"help": "pairs: keep best vs worst only if their scores differ by more than this."})
+    repair: bool = field(default=False, metadata={
+        "help": "Rows with IFEval constraints (instruction_id_list, kwargs): each sample also rewritten to follow them "
+                "(stages/tasks/constraints.py), scored by the same scorers; rows and the chosen side of pairs may be "
+                "repaired answers, the rejected side is always the model's own."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,7 +123,7 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
         # -- sample and score (the stage's "train" section) -----------------------------------
         prompts = [row["prompt"] for row in rows for _ in range(config.num_samples)]
         responses = generation.generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
-                                        do_sample=True, temperature=config.temperature, seed=config.seed)
+                                        do_sample=True, temperature=config.temperature, seed=config.seed, progress="sample")
         stage.check_alive()
         columns = {key: [row.get(key) for row in rows for _ in range(config.num_samples)] for key in sorted({k for r in rows for k in r} - {"prompt"})}
         totals = functions.score(prompts, responses, columns) if functions.specs else [0.0] * len(responses)
@@ -128,11 +133,15 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
             per_function["reward_model"] = reward_scores
             totals = [total + config.reward_model_weight * score for total, score in zip(totals, reward_scores)]
         samples = [
-            {"prompt": prompt, "response": response, "score": total, "sample": index % config.num_samples,
-             "scores": {name: scores[index] for name, scores in per_function.items()}}
+            {"prompt": prompt, "response": response, "score": total, "prompt_index": index // config.num_samples,
+             "sample": index % config.num_samples, "scores": {name: scores[index] for name, scores in per_function.items()}}
             for index, (prompt, response, total) in enumerate(zip(prompts, responses, totals))
         ]
-        kept_rows, pairs = select(samples, config.num_samples, config.keep_threshold, config.min_margin)
+        if config.repair:
+            samples += repaired_samples(samples, columns, functions, reward_model, tokenizer, config.reward_model_weight)
+        kept_rows, pairs = select(samples, config.keep_threshold, config.min_margin)
+        for record in kept_rows + pairs:  # the prompt row's columns ride along: GRPO/PPO can score the pairs' prompts
+            record.update({key: rows[record["prompt_index"]].get(key) for key in columns})
 
         # -- save ------------------------------------------------------------------------------
         if distributed.is_main_process():
@@ -156,26 +165,64 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
     return stage.metrics
 
 
-def select(samples: list[dict[str, Any]], num_samples: int, keep_threshold: float | None, min_margin: float) -> tuple[list[dict], list[dict]]:
-    """Per prompt (consecutive groups of `num_samples`): the best sample as an SFT row if it reaches the threshold,
-    and best versus worst as a preference pair if their margin exceeds `min_margin`. Empty answers (the model
-    ended its turn at once) are neither: an SFT row would teach silence, and a pair with an empty side is
-    malformed for every preference loader (stages/data/preferences.py); `samples/empty` counts them."""
+def repaired_samples(samples: list[dict[str, Any]], columns: dict[str, list[Any]], functions: RewardFunctions, reward_model: Any,
+                     tokenizer: Any, reward_model_weight: float) -> list[dict[str, Any]]:
+    """Each sample of a row with IFEval constraints rewritten to follow them (stages/tasks/constraints.py: lowercased,
+    cut to N sentences, split into sections...), scored like the samples: the checker, not the rewrite, decides
+    whether it follows. A rewrite that changes nothing or cannot be made is left out. Collective under the launcher
+    (the reward model scores across ranks)."""
+    ids, arguments = columns.get("instruction_id_list"), columns.get("kwargs")
+    if ids is None or arguments is None:
+        raise ConfigError("repair: true needs prompt rows with IFEval constraints (instruction_id_list and kwargs columns)")
+    candidates = []
+    for index, sample in enumerate(samples):
+        rewritten = constraints.repair_all(sample["response"], ids[index] or [], arguments[index] or []) if sample["response"].strip() else None
+        if rewritten is not None and rewritten.strip() and rewritten != sample["response"]:
+            candidates.append((index, rewritten))
+    if not candidates:
+        return []
+    prompts = [samples[index]["prompt"] for index, _ in candidates]
+    responses = [rewritten for _, rewritten in candidates]
+    picked = {key: [values[index] for index, _ in candidates] for key, values in columns.items()}
+    totals = functions.score(prompts, responses, picked) if functions.specs else [0.0] * len(responses)
+    per_function = dict(functions.last_scores)
+    if reward_model is not None:
+        per_function["reward_model"] = score_across_ranks(reward_model, tokenizer, prompts, responses).tolist()
+        totals = [total + reward_model_weight * score for total, score in zip(totals, per_function["reward_model"])]
+    return [
+        samples[index] | {"response": rewritten, "score": total, "repaired": True,
+                          "scores": {name: scores[position] for name, scores in per_function.items()}}
+        for position, ((index, rewritten), total) in enumerate(zip(candidates, totals))
+    ]
+
+
+def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_margin: float) -> tuple[list[dict], list[dict]]:
+    """Per prompt (samples sharing a `prompt_index`): the best sample as an SFT row if it reaches the threshold, and
+    best versus worst as a preference pair if their margin exceeds `min_margin`; the worst is always one of the
+    model's own samples, never a repaired one. Empty answers (the model ended its turn at once) are neither: an SFT
+    row would teach silence, and a pair with an empty side is malformed for every preference loader
+    (stages/data/preferences.py); `samples/empty` counts them."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for sample in samples:
+        groups.setdefault(sample["prompt_index"], []).append(sample)
     rows, pairs = [], []
-    for start in range(0, len(samples), num_samples):
-        group = [sample for sample in samples[start : start + num_samples] if sample["response"].strip()]
+    for prompt_index in sorted(groups):
+        group = [sample for sample in groups[prompt_index] if sample["response"].strip()]
+        own = [sample for sample in group if not sample.get("repaired")]
         if not group:
             continue
         best = max(group, key=lambda sample: sample["score"])  # the first of equals: sample order breaks ties
-        worst = min(group, key=lambda sample: sample["score"])
+        worst = min(own or group, key=lambda sample: sample["score"])
         if keep_threshold is None or best["score"] >= keep_threshold:
-            rows.append({"messages": best["prompt"] + [{"role": "assistant", "content": best["response"]}], "score": best["score"]})
+            rows.append({"messages": best["prompt"] + [{"role": "assistant", "content": best["response"]}], "score": best["score"],
+                         "repaired": bool(best.get("repaired")), "prompt_index": prompt_index})
         margin = best["score"] - worst["score"]
         if margin > min_margin and best["response"] != worst["response"]:
             pairs.append({
                 "prompt": best["prompt"], "chosen": [{"role": "assistant", "content": best["response"]}],
                 "rejected": [{"role": "assistant", "content": worst["response"]}],
-                "score_chosen": best["score"], "score_rejected": worst["score"], "margin": margin,
+                "score_chosen": best["score"], "score_rejected": worst["score"], "margin": margin, "prompt_index": prompt_index,
+                "chosen_repaired": bool(best.get("repaired")),
             })
     return rows, pairs
 
@@ -192,6 +239,11 @@ def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompt
         "samples/response_length": sum(len(sample["response"]) for sample in samples) / len(samples),
         "samples/empty": float(sum(not sample["response"].strip() for sample in samples)),
     }
+    repaired = [sample for sample in samples if sample.get("repaired")]
+    if repaired:
+        metrics["samples/repaired"] = float(len(repaired))
+        metrics["samples/repaired_score_mean"] = sum(sample["score"] for sample in repaired) / len(repaired)
+        metrics["samples/rows_repaired"] = float(sum(bool(row.get("repaired")) for row in rows))
     for name, values in per_function.items():
         metrics[f"samples/{name}/mean"] = sum(values) / len(values)
     return metrics

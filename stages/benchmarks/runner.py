@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from reward import checkers
+from reward.functions import repetition
 from stages.benchmarks import scores, suites
 from stages.core import distributed
 from stages.core.files import atomic_write, write_json
 
 DEFAULT_MAX_NEW_TOKENS = 384
+REPETITIVE = 0.3  # an answer with more than this share of repeated word 4-grams loops (eval/NAME/repetitive)
 DEFAULT_BATCH_SIZE = 16
 # Prompt tokens of one batch once padded: IFBench's longest prompt (2591 SmolLM2 tokens; the next 757, the median
 # ~100) would otherwise pad 15 others to its length, which took over 25 minutes of one CPU batch here.
@@ -72,7 +74,11 @@ class BenchmarkRun:
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Registry metrics: the numbers, per type, and the generation settings (`eval/NAME/max_new_tokens` ...)."""
         base = f"{prefix}{self.benchmark.name}/"
+        words = [len(result.response.split()) for result in self.results]
         return scores.as_metrics(self.benchmark.name, self.scores, prefix) | {
+            # Does the model still answer? Mean answer length, and the share of answers that loop (reward/functions.py).
+            base + "answer_words": sum(words) / max(len(words), 1),
+            base + "repetitive": sum(repetition(result.response) > REPETITIVE for result in self.results) / max(len(self.results), 1),
             base + "max_new_tokens": float(self.settings.max_new_tokens),
             base + "batch_size": float(self.settings.batch_size),
             base + "max_batch_tokens": float(self.settings.max_batch_tokens),

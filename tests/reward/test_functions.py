@@ -159,7 +159,29 @@ def test_instruction_constraints_is_the_share_of_followed_instructions_by_the_of
     assert strict == pytest.approx([1.0, 1 / 3, 2 / 3, 1 / 3])
     guarded = _functions({"name": "instruction_constraints", "options": {"min_words": 3}}).score(prompts, responses, columns)
     assert guarded == pytest.approx([1.0, 1 / 3, 2 / 3, 0.0]), "a one-word answer passes no-comma, and gets nothing"
+    on_task = columns | {"task_keywords": [["river"], ["river"], ["mountain", "hill"], ["river"]]}
+    checked = _functions({"name": "instruction_constraints", "options": {"task_check": True}}).score(prompts, responses, on_task)
+    assert checked == pytest.approx([1.0, 1 / 3, 2 / 3, 0.0]), "'hill' is in 'hills'; 'fine' names no river"
+    off_task = on_task | {"task_keywords": [["desert"], None, ["river"], ["fine"]]}  # None: a row without a task check
+    assert _functions({"name": "instruction_constraints", "options": {"task_check": True}}).score(prompts, responses, off_task) == pytest.approx([0.0, 1 / 3, 2 / 3, 1 / 3])
+    with pytest.raises(RewardFunctionError, match="task_check needs the prompt rows' task_keywords column"):
+        _functions({"name": "instruction_constraints", "options": {"task_check": True}}).score(prompts, responses, columns)
     with pytest.raises(RewardFunctionError, match="instruction_constraints needs the prompt rows' instruction_id_list and kwargs"):
         _functions({"name": "instruction_constraints"}).score(prompts, responses, {"answer": [None] * 4})
     with pytest.raises(RewardFunctionError, match="mode must be strict or loose, not 'lenient'"):
         _functions({"name": "instruction_constraints", "options": {"mode": "lenient"}}).score(prompts, responses, columns)
+
+
+def test_a_looping_answer_gets_nothing_under_max_repetition() -> None:
+    """A loop until the token cap (SmolLM2's greedy answers do this on half of IFBench) passes 'no commas'; the
+    repetition guard scores it 0, and varied prose keeps its score."""
+    from reward.functions import repetition
+
+    prose = "the river runs east past the old mill and the hills stay green through the long dry summer months"
+    loop = "the river runs east " + "and the river runs east " * 30
+    assert repetition(prose) == 0.0 and repetition(loop) > 0.8 and repetition("") == 0.0
+    columns = {"instruction_id_list": [["punctuation:no_comma"]] * 2, "kwargs": [[{}]] * 2, "key": [1, 2]}
+    prompts = [[{"role": "user", "content": "Describe a river."}]] * 2
+    assert _functions({"name": "instruction_constraints"}).score(prompts, [prose, loop], columns) == [1.0, 1.0]
+    guarded = _functions({"name": "instruction_constraints", "options": {"max_repetition": 0.3}})
+    assert guarded.score(prompts, [prose, loop], columns) == [1.0, 0.0]

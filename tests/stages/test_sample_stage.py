@@ -101,10 +101,11 @@ def test_a_bad_dataset_reference_is_an_error_naming_it(source: str, split: str, 
 
 
 def test_empty_answers_are_neither_rows_nor_pair_sides() -> None:
-    def sampled(*answers: tuple[str, float]) -> list[dict]:
-        return [{"prompt": [{"role": "user", "content": "q"}], "response": text, "score": score, "sample": i} for i, (text, score) in enumerate(answers)]
+    def sampled(prompt_index: int, *answers: tuple[str, float]) -> list[dict]:
+        return [{"prompt": [{"role": "user", "content": "q"}], "response": text, "score": score, "sample": i, "prompt_index": prompt_index}
+                for i, (text, score) in enumerate(answers)]
 
-    rows, pairs = sample.select(sampled(("", 5.0), ("good", 2.0), ("bad", 0.5)) + sampled(("", 1.0), (" ", 0.0), ("", 3.0)), 3, None, 0.0)
+    rows, pairs = sample.select(sampled(0, ("", 5.0), ("good", 2.0), ("bad", 0.5)) + sampled(1, ("", 1.0), (" ", 0.0), ("", 3.0)), None, 0.0)
     assert [row["messages"][-1]["content"] for row in rows] == ["good"]
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("good", "bad")]
 
@@ -114,3 +115,32 @@ def test_sample_needs_a_scorer() -> None:
 
     with pytest.raises(ConfigError, match="sample needs a scorer"):
         load_config(sample.SampleStageConfig, ["--config", str(REPO_ROOT / "configs/sample/tiny.yaml"), "reward_functions=[]"])
+
+
+@pytest.mark.slow
+def test_repair_adds_checked_rewrites_and_the_rejected_side_is_always_the_models_own(tmp_path: Path, registered_sft: str) -> None:
+    """repair: true on instruction prompts (stages/tasks/instructions.py): each sample is also rewritten to follow its
+    constraints; the official checker scores the rewrite like any sample, rows may keep it, pairs never reject it."""
+    from reward.functions import instruction_constraints
+    from stages.tasks import constraints, instructions
+
+    train = instructions.write(tmp_path / "if", {"train": 10}, seed=1)["train"]
+    by_prompt = {row["prompt"]: row for row in _jsonl(train)}
+    argv = ["--config", str(REPO_ROOT / "configs/sample/tiny.yaml"), "model=sft:latest", f"output_dir={tmp_path / 'samples'}", "run_name=r",
+            "register_as=r/samples", "tracking.report_to=none", f"datasets=[{{source: {train}, eval_fraction: 0}}]", "num_samples=2",
+            "max_new_tokens=24", "reward_functions=[{name: instruction_constraints}]", "repair=true", "keep_threshold=1.0"]
+    metrics = sample.run(load_config(sample.SampleStageConfig, argv))
+    samples = _jsonl(tmp_path / "samples" / "samples.jsonl")
+    own, repaired = [s for s in samples if not s.get("repaired")], [s for s in samples if s.get("repaired")]
+    assert len(own) == 20 and repaired and metrics["samples/repaired"] == len(repaired)
+    for rewrite in repaired:
+        row = by_prompt[rewrite["prompt"][-1]["content"]]
+        original = next(s for s in own if s["prompt_index"] == rewrite["prompt_index"] and s["sample"] == rewrite["sample"])
+        assert rewrite["response"] == constraints.repair_all(original["response"], row["instruction_id_list"], row["kwargs"]) != original["response"]
+        expected = instruction_constraints([rewrite["prompt"]], [rewrite["response"]], [row["instruction_id_list"]], [row["kwargs"]], [row["key"]])
+        assert rewrite["score"] == pytest.approx(expected[0])
+    assert sum(s["score"] for s in repaired) / len(repaired) > sum(s["score"] for s in own) / len(own), "the rewrites follow more constraints"
+    rows, pairs = _jsonl(tmp_path / "samples" / "rows.jsonl"), _jsonl(tmp_path / "samples" / "pairs.jsonl")
+    assert metrics["samples/rows_repaired"] == sum(row["repaired"] for row in rows) > 0
+    own_answers = {s["response"] for s in own}
+    assert pairs and all(pair["rejected"][0]["content"] in own_answers for pair in pairs)

@@ -86,7 +86,7 @@ def train_group_relative(inputs: PolicyInputs) -> PolicyOutcome:
     reward_funcs += [_trl_reward(functions, index) for index in range(len(functions.specs))]  # TRL logs rewards/NAME/mean, /std
     weights += [spec.weight for spec in functions.specs]
     gold = _gold(config, inputs.examples)
-    if gold is not None:  # TRL logs it (rewards/exact_answer_reward/mean) at weight 0: the over-optimisation curve (stages/report.py)
+    if gold is not None:  # TRL logs it (rewards/exact_answer_reward/mean) at weight 0: the over-optimisation curve (stages/report/)
         reward_funcs.append(as_trl_reward(gold, "exact_answer_reward"))
         weights.append(0.0)
     section = getattr(config, config.algorithm) | {"reward_weights": weights}

@@ -2,7 +2,7 @@
 
 Reads only flat metrics (`eval/NAME/strict/ID`, as stages/benchmarks/scores.py names them), so it draws
 from a run's summary.json without the checker packages. matplotlib's Figure without pyplot, like
-stages/report.py.
+stages/report/.
 """
 
 from __future__ import annotations

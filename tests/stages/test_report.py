@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from stages import recipe, report
+from stages.report import figures
 from stages.core import checkpoints
 from stages.cli import main as cli_main
 from stages.core.registry import Registry
@@ -31,7 +32,7 @@ PHASE_COLOURS = [(44, 160, 44), (214, 39, 40), (148, 103, 189)]  # C2-C4: genera
 SFT_TITLES = ["SFT training loss"]
 REWARD_TITLES = ["Reward model training loss", "Reward model pairwise accuracy", "Reward model reward margin"]
 OVEROPTIMISATION_TITLE = "Over-optimisation: proxy and gold reward against KL"
-OVEROPTIMISATION_KEYS = report.OVEROPTIMISATION.keys
+OVEROPTIMISATION_KEYS = figures.OVEROPTIMISATION.keys
 PPO_TITLES = ["Policy training loss", "Policy reward", "Policy KL to reference", "Policy entropy", "Policy response length",
               OVEROPTIMISATION_TITLE, "PPO time per phase"]
 DPO_TITLES = ["Policy training loss", "Policy entropy", "DPO preference accuracy", "DPO implicit reward margin"]
@@ -186,8 +187,8 @@ def test_overoptimisation_figure_reads_our_ppo_and_trls_keys(isolated_home):
     model's mean after the model, so the proxy is any rewards/*/mean but the verifier's); a DPO run has none."""
     make_run(isolated_home, "ppo-run", "ppo")
     ppo = report.load_run("ppo-run")
-    assert report._overoptimisation_figure([ppo]) is not None
-    assert report._first_logged(ppo.stages["policy"].history, OVEROPTIMISATION_KEYS[1]) == "ppo/proxy_reward"
+    assert figures._overoptimisation_figure([ppo]) is not None
+    assert figures._first_logged(ppo.stages["policy"].history, OVEROPTIMISATION_KEYS[1]) == "ppo/proxy_reward"
 
     make_run(isolated_home, "grpo-run", "dpo")  # a policy stage, its history then rewritten as GRPO logs it
     grpo_history = _hf_history(20, kl=lambda s: 0.01 * s, **{"rewards/reward/mean": lambda s: s / 10,
@@ -196,17 +197,17 @@ def test_overoptimisation_figure_reads_our_ppo_and_trls_keys(isolated_home):
     grpo = report.load_run("grpo-run")
     grpo.stages["policy"].algorithm = "grpo"
     history = grpo.stages["policy"].history
-    gold = report._first_logged(history, OVEROPTIMISATION_KEYS[2])
+    gold = figures._first_logged(history, OVEROPTIMISATION_KEYS[2])
     assert gold == "rewards/exact_answer_reward/mean"
-    assert report._first_logged(history, OVEROPTIMISATION_KEYS[1], exclude=gold) == "rewards/reward/mean"
-    drawn = report._overoptimisation_figure([grpo])
+    assert figures._first_logged(history, OVEROPTIMISATION_KEYS[1], exclude=gold) == "rewards/reward/mean"
+    drawn = figures._overoptimisation_figure([grpo])
     proxy_line, = drawn.axes[0].get_lines()
     gold_line, = drawn.axes[1].get_lines()
     assert list(proxy_line.get_xdata()) == pytest.approx([0.05, 0.1, 0.15, 0.2])  # x is KL, not the step
     assert list(gold_line.get_ydata()) == pytest.approx([0.55, 0.5, 0.45, 0.4])
 
     dpo = report.load_run("grpo-run")  # the same files as a DPO run: no figure, not even listed as missing
-    assert report._overoptimisation_figure([dpo]) is None
+    assert figures._overoptimisation_figure([dpo]) is None
 
 
 def test_two_runs_overlay_their_curves_in_one_page(isolated_home, tmp_path):

@@ -12,6 +12,7 @@
   the tokenizer check between policy and reward model;
 - `evaluation`: pairwise accuracy, margins and per-family accuracy on held-out pairs.
 
-May import: `stages.core`, the torch-only math (`stages.logprobs`) and external checker packages; nothing else of ours (checked by
-import-linter): the embedded pairs and the stages build on this package, not the other way round.
+May import: `stages.core`, the torch-only math (`stages.logprobs`), `stages.tasks.constraints` (stdlib only: what a
+finished answer looks like) and external checker packages; nothing else of ours (checked by import-linter): the
+embedded pairs and the stages build on this package, not the other way round.
 """

@@ -18,8 +18,8 @@ dataset columns. Accept `**columns` to ignore those you do not use.
 Bad code never becomes a silent 0: a missing file or name, an exception (the prompt that raised is found and
 named), a wrong number of scores, or a NaN/inf is a RewardFunctionError naming the function and the prompt.
 
-May import: `stages.core` and this package (see reward/__init__.py); built-ins that need a checker package
-import it when called.
+May import: `stages.core`, `stages.tasks.constraints` (what a finished answer looks like) and this package (see
+reward/__init__.py); built-ins that need a checker package import it when called.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 from stages.core.config import ConfigError
 from stages.core.errors import UserError
 from stages.core.protocols import Messages, prompt_key
+from stages.tasks import constraints
 
 
 class RewardFunctionError(UserError, RuntimeError):
@@ -45,7 +46,7 @@ class RewardFunctionSpec:
     """One entry of `reward_functions:`: exactly one of name (built-in), path (FILE.py:FUNCTION) or module
     (package.module:FUNCTION), and its weight."""
 
-    name: str | None = field(default=None, metadata={"help": "A built-in: exact_answer | instruction_constraints (options: mode, suite, min_words, task_check, max_repetition)."})
+    name: str | None = field(default=None, metadata={"help": "A built-in: exact_answer | instruction_constraints (options: mode, suite, min_words, task_check, max_repetition, require_ending)."})
     path: str | None = field(default=None, metadata={"help": "Your file and function, e.g. my_rewards.py:score."})
     module: str | None = field(default=None, metadata={"help": "An importable module and function, e.g. my_package.rewards:score."})
     weight: float = field(default=1.0, metadata={"help": "Weight of this function in the total reward."})
@@ -88,7 +89,7 @@ def instruction_constraints(
     prompts: list[Messages], responses: list[str], instruction_id_list: Sequence[list[str]] | None = None,
     kwargs: Sequence[list[dict[str, Any] | None]] | None = None, key: Sequence[Any] | None = None,
     mode: str = "strict", suite: str = "ifeval", min_words: int = 0, task_keywords: Sequence[list[str] | None] | None = None,
-    task_check: bool = False, max_repetition: float | None = None, **_: Any,
+    task_check: bool = False, max_repetition: float | None = None, require_ending: bool = False, **_: Any,
 ) -> list[float]:
     """The share of a row's instructions (IFEval's schema: `instruction_id_list`, `kwargs`) its response follows,
     judged by the checker package's own functions (reward/checkers.py; `suite`: ifeval or ifbench; `mode`:
@@ -98,7 +99,8 @@ def instruction_constraints(
     - fewer than `min_words` words (an empty or one-word answer passes "all lowercase" and "no commas");
     - `task_check`: the row's `task_keywords` (the base task's own check, stages/tasks/instructions.py) and none of
       them in the answer (case-insensitive): off task;
-    - `max_repetition`: more than this share of the answer's word 4-grams are repeats (a loop until the token cap)."""
+    - `max_repetition`: more than this share of the answer's word 4-grams are repeats (a loop until the token cap);
+    - `require_ending`: the answer stops mid-sentence (cut at the token cap: no closing punctuation, bracket or fence)."""
     from reward import checkers
 
     if mode not in ("strict", "loose"):
@@ -110,7 +112,8 @@ def instruction_constraints(
     scores = []
     for row, (prompt, response, ids, arguments) in enumerate(zip(prompts, responses, instruction_id_list, kwargs)):
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        if _off_task(response, min_words, task_keywords[row] if task_check and task_keywords is not None else None, max_repetition):
+        keywords = task_keywords[row] if task_check and task_keywords is not None else None
+        if _off_task(response, min_words, keywords, max_repetition) or (require_ending and not constraints.complete(response)):
             scores.append(0.0)
             continue
         verdicts = [

@@ -350,10 +350,28 @@ def compatible(chosen: list[str], candidate: str) -> bool:
     return candidate not in chosen and not any(groups & set(TYPES[other].conflicts) for other in chosen)
 
 
+def complete(answer: str) -> bool:
+    """Whether the answer ends where a writer would stop (closing punctuation, a bracket, a code fence), not mid-sentence
+    at the token cap."""
+    return answer.rstrip().endswith(ENDINGS)
+
+
+def trim_fragment(answer: str) -> str:
+    """An answer cut at the token cap without its unfinished last sentence (unchanged if it ends complete)."""
+    if complete(answer):
+        return answer
+    cut = max(answer.rfind(mark) for mark in (". ", "! ", "? ", ".\n", "!\n", "?\n"))
+    return answer[: cut + 1].rstrip() if cut > 0 else answer
+
+
+ENDINGS = (".", "!", "?", '"', "'", ")", "]", "}", "*", "`", ">", ":")
+
+
 def repair_all(answer: str, instruction_ids: list[str], kwargs: list[Arguments]) -> str | None:
-    """The answer rewritten to follow each constraint in turn (length cuts first, leaving room for what other
-    repairs append; then layouts, added words, endings, and what wraps the whole text); None if one cannot be
-    repaired. Only the checker says whether the result passes."""
+    """The answer rewritten to follow each constraint in turn (an unfinished last sentence dropped first; length cuts
+    next, leaving room for what other repairs append; then layouts, added words, endings, and what wraps the whole
+    text); None if one cannot be repaired. Only the checker says whether the result passes."""
+    answer = trim_fragment(answer)
     arguments = [{k: v for k, v in (given or {}).items() if v is not None} for given in kwargs]
     reserve_sentences = reserve_words = 0
     for instruction_id, given in zip(instruction_ids, arguments):

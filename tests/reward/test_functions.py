@@ -185,3 +185,18 @@ def test_a_looping_answer_gets_nothing_under_max_repetition() -> None:
     assert _functions({"name": "instruction_constraints"}).score(prompts, [prose, loop], columns) == [1.0, 1.0]
     guarded = _functions({"name": "instruction_constraints", "options": {"max_repetition": 0.3}})
     assert guarded.score(prompts, [prose, loop], columns) == [1.0, 0.0]
+
+
+def test_an_answer_cut_at_the_token_cap_gets_nothing_under_require_ending() -> None:
+    """An answer that stops mid-sentence was cut at max_new_tokens; repairs drop its unfinished sentence first."""
+    from stages.tasks import constraints
+
+    cut = "the river runs east past the old mill. the hills stay green through the long"
+    finished = "the river runs east past the old mill. the hills stay green."
+    assert constraints.trim_fragment(cut) == "the river runs east past the old mill." and constraints.trim_fragment(finished) == finished
+    columns = {"instruction_id_list": [["punctuation:no_comma"]] * 2, "kwargs": [[{}]] * 2, "key": [1, 2]}
+    prompts = [[{"role": "user", "content": "Describe a river."}]] * 2
+    assert _functions({"name": "instruction_constraints"}).score(prompts, [finished, cut], columns) == [1.0, 1.0]
+    guarded = _functions({"name": "instruction_constraints", "options": {"require_ending": True}})
+    assert guarded.score(prompts, [finished, cut], columns) == [1.0, 0.0]
+    assert constraints.repair_all(cut, ["punctuation:no_comma"], [{}]) == "the river runs east past the old mill."

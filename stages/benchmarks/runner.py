@@ -1,10 +1,11 @@
 """Run a benchmark on a model: generate, score with the official checkers, aggregate, write the files.
 
 Generation (stages/generation.py, the one place a faster engine would replace): the model's own chat
-template, one user turn ready for the reply (`add_generation_prompt`), greedy, batched with left padding,
-prompts sorted by length, stopping at the model's end of turn (`generation.end_of_turn_ids`). Settings:
-`max_new_tokens` (default 384, as shared/DESIGN.md measured IFEval), `batch_size` (16 here on CPU; larger on
-a GPU), `max_batch_tokens` (8192 padded prompt tokens: a long prompt gets a small batch), `dtype` (`auto`:
+template, one user turn ready for the reply (`add_generation_prompt`), greedy, continuously batched with left
+padding, prompts admitted longest first, stopping at the model's end of turn (`generation.end_of_turn_ids`).
+Settings: `max_new_tokens` (default 384, as shared/DESIGN.md measured IFEval), `batch_size` (rows decoding at
+once: 16 here on CPU; larger on a GPU), `max_batch_tokens` (8192 padded prompt tokens per prefill: a long prompt
+joins with fewer others), `dtype` (`auto`:
 bfloat16 on a GPU, float32 on a CPU), `limit` (a seeded subset, for quick looks).
 
 Files (`write_files`), next to the scores: `responses.jsonl` (`key`, `prompt`, `response`: the input of the

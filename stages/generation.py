@@ -187,7 +187,7 @@ def _generate_share(
             answers = []
             for chunk in _length_sorted_chunks([len(ids) for ids in token_ids], batch_size, max_batch_tokens):
                 ids, mask = left_pad([token_ids[position] for position in chunk], tokenizer.pad_token_id, model.device)
-                # Sampled: seeded by the batch's first prompt, so these samples depend on the batching (not on ranks' count alone).
+                # Sampled: each batch seeded by its first prompt's index, so here the samples depend on the batching.
                 with batch_rng(model, seed, indices[chunk[0]]):
                     answers += _plain_generate(model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens, stop_ids,
                                                do_sample, temperature, tokenizer.pad_token_id)

@@ -201,6 +201,25 @@ def test_models_with_sliding_window_layers_keep_transformers_loop() -> None:
     assert kv_cache.preallocated_cache(MistralForCausalLM(config), 16) is None
 
 
+def test_a_sliding_window_model_answers_through_model_generate(tiny_tokenizer) -> None:  # noqa: ANN001
+    """generate() on such a model falls back to model.generate in fixed, length-sorted batches: the same answers."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=4, pad_token_id=tiny_tokenizer.pad_token_id)
+    model = MistralForCausalLM(config).eval()
+    lengths = [len(generation.encode_prompt(tiny_tokenizer, prompt)) for prompt in PROMPTS]
+    order = sorted(range(len(PROMPTS)), key=lambda index: -lengths[index])
+    expected = [""] * len(PROMPTS)
+    for start in range(0, len(order), 2):
+        batch = order[start : start + 2]
+        answers = _plain(model, tiny_tokenizer, [PROMPTS[index] for index in batch], 6, [tiny_tokenizer.eos_token_id])
+        for index, answer in zip(batch, tiny_tokenizer.batch_decode(answers, skip_special_tokens=True)):
+            expected[index] = answer
+    assert generation.generate(model, tiny_tokenizer, PROMPTS, 6, batch_size=2, sort_by_length=True) == expected
+
+
 def test_smollm2_greedy_tokens_are_those_of_model_generate(smollm2: Path) -> None:
     """The real model (BPE, `<|im_end|>` as end of turn, pad = eos, default system prompt): 4 prompts of different
     lengths, 2 rows at once (the third and fourth join as rows stop), 24 new tokens: token ids equal to those of

@@ -10,7 +10,8 @@ Arms (each in a fresh process, 1 thread):
   stages called it before #33 (DynamicCache, every row generating padding until its batch's longest answer ends).
 - ours: `stages.generation.generate(..., batch_size=16, sort_by_length=True)`, what every caller uses: at most 16
   rows at once, a stopped row's slot refilled with the next prompt.
-- ours_b32: the same with at most 32 rows at once.
+- ours_b64: the same with at most 64 rows at once (here every prompt joins at the start, in prefills of
+  PREFILL_TOKENS).
 - matmul_limit: torch.mm at exactly one decode step's products at batch 16 (q/k/v/o, gate/up/down of every
   layer and the tied LM head; M = 16 rows), each at its best time: the time a step would take if it were only
   those products at this machine's peak. Its rate (16 tokens per step over that time) is the matmul-bound
@@ -33,7 +34,7 @@ from bench import common, mfu
 from bench.runner import Arm, Comparison
 
 BATCH = 16  # plain's batch, ours' rows at once, and the matmul limit's M
-ARM_BATCH = {"plain": BATCH, "ours": BATCH, "ours_b32": 32}
+ARM_BATCH = {"plain": BATCH, "ours": BATCH, "ours_b64": 64}
 
 
 def _prompts(count: int) -> list[list[dict[str, str]]]:
@@ -155,7 +156,7 @@ def _derive(results: dict[str, list[dict[str, Any]]]) -> None:
                 run["limit_share_cpu"] = (run["amount"] / run["cpu_seconds"]) / (limit["amount"] / limit["cpu_seconds"])
     for repeat, plain in enumerate(results.get("plain", [])):
         plain["identical"] = 1.0
-        for name in ("ours", "ours_b32"):
+        for name in ("ours", "ours_b64"):
             if repeat < len(results.get(name, [])):
                 ours = results[name][repeat]
                 ours["identical"] = sum(a == b for a, b in zip(plain["answers"], ours["answers"])) / len(plain["answers"])
@@ -165,10 +166,10 @@ def comparisons(quick: bool) -> list[Comparison]:
     prompts, max_new_tokens = (4, 16) if quick else (48, 256)
     params = {"prompts": prompts, "max_new_tokens": max_new_tokens}
     arms = [Arm("plain", "generation", params | {"arm": "plain"}), Arm("ours", "generation", params | {"arm": "ours"}),
-            Arm("ours_b32", "generation", params | {"arm": "ours_b32"}),
+            Arm("ours_b64", "generation", params | {"arm": "ours_b64"}),
             Arm("matmul_limit", "generation", {"arm": "matmul_limit", "seconds_per_shape": 0.2 if quick else 0.5})]
     return [Comparison(
-        title=f"SmolLM2-135M greedy generation, {prompts} IFBench prompts, batch {BATCH} (ours_b32: 32), {max_new_tokens} new tokens: generated tokens/s",
+        title=f"SmolLM2-135M greedy generation, {prompts} IFBench prompts, batch {BATCH} (ours_b64: 64), {max_new_tokens} new tokens: generated tokens/s",
         arms=arms, baseline="plain", unit="tokens", check_work=False, derive=_derive,
         columns=[("limit_share", "share of limit", "{:.0%}"), ("limit_share_cpu", "share of limit (CPU)", "{:.0%}"),
                  ("identical", "identical", "{:.0%}"), ("mean_answer_tokens", "tokens/answer", "{:.1f}"),

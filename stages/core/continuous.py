@@ -33,6 +33,10 @@ from stages.core import kv_cache
 # Leading all-padding columns dropped from the cache once there are this many: each trim copies the cache
 # (riding on the copy that rows leaving already make), so a handful of columns is not worth it.
 TRIM_AT = 32
+# Padded prompt tokens of one prefill at most: the matmuls are compute-bound well below this, while one prefill of
+# every row of a large batch pads them all to the longest and grows the activations out of the caches (SmolLM2,
+# 48 IFBench prompts in one prefill: 44 CPU-s; the same prompts admitted in prefills of this size: see bench/README.md).
+PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -52,6 +56,7 @@ class _Rows:
     mask: torch.Tensor  # (rows, width) 1 = a real token
     positions: torch.Tensor  # (rows,) the position of each row's next input token
     tokens: torch.Tensor  # (rows,) each row's last generated token: the next input
+    live: torch.Tensor  # (rows,) False once the row's answer is complete (the row stays, ignored, until `_compact`)
 
 
 @torch.no_grad()
@@ -65,7 +70,8 @@ def decode(
     not plain full attention (see stages.core.kv_cache): the caller then uses `model.generate`.
 
     `refill_at`: free slots that trigger a prefill of waiting prompts (default a quarter of the batch; an empty
-    batch always refills). `max_prefill_tokens`: at most this many prompt tokens, once padded, in one prefill.
+    batch always refills); they join in prefills of at most `max_prefill_tokens` prompt tokens once padded
+    (and at most PREFILL_TOKENS), one after the other.
     `on_finished(count)`: called as rows finish (a progress bar)."""
     if kv_cache.preallocated_cache(model, 1) is None:
         return None
@@ -76,9 +82,12 @@ def decode(
     admitted = 0
     running: _Rows | None = None
     while admitted < len(prompts) or running is not None:
-        free = batch_size - (0 if running is None else len(running.prompts))
+        free = batch_size - (0 if running is None else int(running.live.sum()))
         if admitted < len(prompts) and (running is None or free >= refill_at):
-            count = _prefill_count([len(prompt) for prompt in prompts[admitted:admitted + free]], max_prefill_tokens)
+            if running is not None and not bool(running.live.all()):
+                running = _compact(running)
+            budget = PREFILL_TOKENS if max_prefill_tokens is None else min(PREFILL_TOKENS, max_prefill_tokens)
+            count = _prefill_count([len(prompt) for prompt in prompts[admitted:admitted + free]], budget)
             joining = _prefill(model, prompts, range(admitted, admitted + count), max_new_tokens, pad_id, sampling, device)
             admitted += count
             joining = _record(joining, answers, stop, max_new_tokens, on_finished)
@@ -88,11 +97,11 @@ def decode(
     return answers
 
 
-def _prefill_count(lengths: list[int], max_prefill_tokens: int | None) -> int:
+def _prefill_count(lengths: list[int], max_prefill_tokens: int) -> int:
     """How many of the next prompts one prefill takes: all offered, unless padding them to the longest would pass
     `max_prefill_tokens` (always at least one)."""
     count = 1
-    while count < len(lengths) and (max_prefill_tokens is None or (count + 1) * max(lengths[: count + 1]) <= max_prefill_tokens):
+    while count < len(lengths) and (count + 1) * max(lengths[: count + 1]) <= max_prefill_tokens:
         count += 1
     return count
 
@@ -116,7 +125,7 @@ def _prefill(
                    logits_to_keep=1).logits[:, -1].float()  # (rows, vocab)
     prompt_indices = torch.tensor(list(indices), dtype=torch.long, device=device)
     tokens = _next_tokens(logits, sampling, prompt_indices)
-    return _Rows(cache=cache, prompts=prompt_indices, mask=mask, positions=mask.sum(-1), tokens=tokens)
+    return _Rows(cache, prompt_indices, mask, mask.sum(-1), tokens, torch.ones_like(prompt_indices, dtype=torch.bool))
 
 
 def _step(model: Any, rows: _Rows, sampling: Sampling | None) -> _Rows:
@@ -124,42 +133,61 @@ def _step(model: Any, rows: _Rows, sampling: Sampling | None) -> _Rows:
     mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.prompts), 1))], dim=1)
     logits = model(input_ids=rows.tokens[:, None], attention_mask=mask, position_ids=rows.positions[:, None],
                    cache=rows.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (rows, vocab)
-    return _Rows(rows.cache, rows.prompts, mask, rows.positions + 1, _next_tokens(logits, sampling, rows.prompts))
+    return _Rows(rows.cache, rows.prompts, mask, rows.positions + 1, _next_tokens(logits, sampling, rows.prompts), rows.live)
 
 
 def _record(
     rows: _Rows, answers: list[list[int]], stop: torch.Tensor, max_new_tokens: int, on_finished: Callable[[int], None] | None,
 ) -> _Rows | None:
-    """Appends each row's new token to its answer; the rows that stopped (stop token or `max_new_tokens`) leave,
-    and leading columns that are padding in every remaining row go once there are `TRIM_AT` of them. None when no
-    row remains."""
-    for prompt, token in zip(rows.prompts.tolist(), rows.tokens.tolist()):
-        answers[prompt].append(token)
+    """Appends each live row's new token to its answer; a row that stopped (stop token or `max_new_tokens`) is done.
+    None when no live row remains; the batch is compacted (see `_compact`) once an eighth of its rows are done or
+    `TRIM_AT` leading columns are padding in every live row."""
+    for prompt, token, live in zip(rows.prompts.tolist(), rows.tokens.tolist(), rows.live.tolist()):
+        if live:
+            answers[prompt].append(token)
     lengths = torch.tensor([len(answers[prompt]) for prompt in rows.prompts.tolist()], device=rows.tokens.device)
-    finished = torch.isin(rows.tokens, stop) | (lengths >= max_new_tokens)
+    finished = rows.live & (torch.isin(rows.tokens, stop) | (lengths >= max_new_tokens))
     done = int(finished.sum())
     if done and on_finished is not None:
         on_finished(done)
-    if done == len(rows.prompts):
+    live = rows.live & ~finished
+    remaining = int(live.sum())
+    if remaining == 0:
         return None
-    keep = (~finished).nonzero().flatten()
-    mask = rows.mask[keep] if done else rows.mask
-    leading = int(mask.any(dim=0).int().argmax())  # columns before the first one any row uses
+    rows = _Rows(rows.cache, rows.prompts, rows.mask, rows.positions, rows.tokens, live)
+    dead = len(rows.prompts) - remaining
+    if dead >= max(1, len(rows.prompts) // 8) or _leading_padding(rows.mask[live]) >= TRIM_AT:
+        return _compact(rows)
+    return rows
+
+
+def _leading_padding(mask: torch.Tensor) -> int:
+    """Columns before the first one any row uses."""
+    return int(mask.any(dim=0).int().argmax())
+
+
+def _compact(rows: _Rows) -> _Rows:
+    """Only the live rows, without the leading columns that are padding in all of them (once there are `TRIM_AT`).
+
+    Done rows stay in the batch until then, their tokens ignored: removing a row copies the whole cache (SmolLM2,
+    48 rows: about 0.2 s), while keeping it costs one more row of a step (a few ms; a step's cost is mostly the weights)."""
+    keep = rows.live.nonzero().flatten()
+    mask = rows.mask[keep]
+    leading = _leading_padding(mask)
     drop = leading if leading >= TRIM_AT else 0
-    if not done and not drop:
-        return rows
     kv_cache.select_rows(rows.cache, keep, drop)
-    return _Rows(rows.cache, rows.prompts[keep], mask[:, drop:], rows.positions[keep], rows.tokens[keep])
+    return _Rows(rows.cache, rows.prompts[keep], mask[:, drop:], rows.positions[keep], rows.tokens[keep], rows.live[keep])
 
 
 def _merge(running: _Rows, joining: _Rows, max_new_tokens: int) -> _Rows:
-    """The joining rows below the running ones, the narrower side left padded: one batch of the longer width,
-    with room for every row's remaining tokens."""
+    """The joining rows below the (compacted) running ones, the narrower side left padded: one batch of the longer
+    width, with room for every row's remaining tokens."""
     width = max(running.mask.shape[1], joining.mask.shape[1])
     kv_cache.append_rows(running.cache, joining.cache, width + max_new_tokens)
     masks = [torch.nn.functional.pad(rows.mask, (width - rows.mask.shape[1], 0)) for rows in (running, joining)]
     return _Rows(running.cache, torch.cat([running.prompts, joining.prompts]), torch.cat(masks),
-                 torch.cat([running.positions, joining.positions]), torch.cat([running.tokens, joining.tokens]))
+                 torch.cat([running.positions, joining.positions]), torch.cat([running.tokens, joining.tokens]),
+                 torch.cat([running.live, joining.live]))
 
 
 def _next_tokens(logits: torch.Tensor, sampling: Sampling | None, prompts: torch.Tensor) -> torch.Tensor:

@@ -94,9 +94,10 @@ def generate(
     sample depends on (seed, i, prompt) only: not on the batch size, the other prompts or the number of ranks; the
     caller's global RNG is not moved. `stop_token_ids`: the tokens that end an answer (default the tokenizer's eos;
     see `end_of_turn_ids`). `sort_by_length`: admit prompts longest first (less padding in each prefill; a batch
-    too large for memory fails at once). `max_batch_tokens`: at most this many prompt tokens, once padded, in one
-    prefill (and in one batch of the `model.generate` fallback). `progress`: a progress bar with this title (main
-    process).
+    too large for memory fails at once). `max_batch_tokens`: prompts join the running batch only while it then holds
+    at most this many positions (rows x width, padding included; a long prompt decodes with few others), and a
+    batch of the `model.generate` fallback holds at most this many prompt tokens once padded. `progress`: a
+    progress bar with this title (main process).
     """
     token_ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     order = list(range(len(prompts)))
@@ -182,7 +183,7 @@ def _generate_share(
             generators = [torch.Generator(device=model.device).manual_seed(batch_seed(seed, index)) for index in indices]
             sampling = continuous.Sampling(generators, temperature)
         answers = continuous.decode(model, token_ids, max_new_tokens, stop_ids, batch_size, tokenizer.pad_token_id, sampling,
-                                    max_prefill_tokens=max_batch_tokens, on_finished=on_finished)
+                                    max_batch_tokens=max_batch_tokens, on_finished=on_finished)
         if answers is None:  # a cache layout our loop does not reproduce (sliding windows...): transformers' loop
             answers = []
             for chunk in _length_sorted_chunks([len(ids) for ids in token_ids], batch_size, max_batch_tokens):

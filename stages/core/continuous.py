@@ -62,7 +62,7 @@ class _Rows:
 @torch.no_grad()
 def decode(
     model: Any, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], batch_size: int, pad_id: int,
-    sampling: Sampling | None = None, refill_at: int | None = None, max_prefill_tokens: int | None = None,
+    sampling: Sampling | None = None, refill_at: int | None = None, max_batch_tokens: int | None = None,
     on_finished: Callable[[int], None] | None = None,
 ) -> list[list[int]] | None:
     """Each prompt's new tokens, up to and including its stop token, in the order of `prompts`, which is the order
@@ -70,8 +70,10 @@ def decode(
     not plain full attention (see stages.core.kv_cache): the caller then uses `model.generate`.
 
     `refill_at`: free slots that trigger a prefill of waiting prompts (default a quarter of the batch; an empty
-    batch always refills); they join in prefills of at most `max_prefill_tokens` prompt tokens once padded
-    (and at most PREFILL_TOKENS), one after the other.
+    batch always refills); they join in prefills of at most PREFILL_TOKENS prompt tokens once padded, one after
+    the other. `max_batch_tokens`: a prompt joins only while the batch would then hold at most this many positions
+    (rows x width, padding included): a long prompt widens every row, so it decodes with fewer others (and a
+    prompt longer than that alone).
     `on_finished(count)`: called as rows finish (a progress bar)."""
     if kv_cache.preallocated_cache(model, 1) is None:
         return None
@@ -83,11 +85,13 @@ def decode(
     running: _Rows | None = None
     while admitted < len(prompts) or running is not None:
         free = batch_size - (0 if running is None else int(running.live.sum()))
+        count = 0  # prompts joining now
         if admitted < len(prompts) and (running is None or free >= refill_at):
             if running is not None and not bool(running.live.all()):
                 running = _compact(running)
-            budget = PREFILL_TOKENS if max_prefill_tokens is None else min(PREFILL_TOKENS, max_prefill_tokens)
-            count = _prefill_count([len(prompt) for prompt in prompts[admitted:admitted + free]], budget)
+            rows, width = (0, 0) if running is None else (len(running.prompts), running.mask.shape[1])
+            count = _join_count([len(prompt) for prompt in prompts[admitted : admitted + free]], rows, width, max_batch_tokens)
+        if count:
             joining = _prefill(model, prompts, range(admitted, admitted + count), max_new_tokens, pad_id, sampling, device)
             admitted += count
             joining = _record(joining, answers, stop, max_new_tokens, on_finished)
@@ -97,11 +101,17 @@ def decode(
     return answers
 
 
-def _prefill_count(lengths: list[int], max_prefill_tokens: int) -> int:
-    """How many of the next prompts one prefill takes: all offered, unless padding them to the longest would pass
-    `max_prefill_tokens` (always at least one)."""
-    count = 1
-    while count < len(lengths) and (count + 1) * max(lengths[: count + 1]) <= max_prefill_tokens:
+def _join_count(lengths: list[int], rows: int, width: int, max_batch_tokens: int | None) -> int:
+    """How many of the next prompts (`lengths`: those offered) one prefill takes: as many as fit PREFILL_TOKENS once
+    padded to the longest, and `max_batch_tokens` with the `rows` running at `width`; always one into an empty batch."""
+
+    def fits(count: int) -> bool:
+        longest = max(lengths[:count])
+        within_budget = max_batch_tokens is None or (rows + count) * max(width, longest) <= max_batch_tokens
+        return count * longest <= PREFILL_TOKENS and within_budget
+
+    count = 0
+    while count < len(lengths) and (fits(count + 1) or (rows == 0 and count == 0)):
         count += 1
     return count
 

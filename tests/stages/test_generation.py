@@ -107,6 +107,24 @@ def test_continuous_batching_gives_each_prompt_its_greedy_answer_alone(tiny_mode
     assert min(map(len, ours)) < 12 and max(map(len, ours)) == 12
 
 
+def test_a_long_prompt_decodes_with_fewer_rows_under_max_batch_tokens(tiny_model, tiny_tokenizer) -> None:  # noqa: ANN001
+    """max_batch_tokens = 300: while the 131-token prompt is in the batch (every row then at least that wide), at most
+    2 rows decode at once (3 x 131 > 300); the short prompts fill the batch before and after it; same answers."""
+    stop = _stops_some_rows_early(tiny_model, tiny_tokenizer)
+    long_width = max(len(generation.encode_prompt(tiny_tokenizer, prompt)) for prompt in MANY)
+    assert long_width == 131
+    shapes: list[tuple[int, int]] = []
+    hook = tiny_model.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["attention_mask"].shape)), with_kwargs=True)
+    try:
+        token_ids = [generation.encode_prompt(tiny_tokenizer, prompt) for prompt in MANY]
+        ours = continuous.decode(tiny_model, token_ids, 12, stop, 9, tiny_tokenizer.pad_token_id, max_batch_tokens=300)
+    finally:
+        hook.remove()
+    assert ours == _alone(tiny_model, tiny_tokenizer, MANY, 12, stop)
+    assert max(rows for rows, width in shapes if width >= long_width) <= 2
+    assert max(rows for rows, _ in shapes) >= 4
+
+
 def test_stopped_rows_leaving_and_joining_change_no_answer(tiny_model, tiny_tokenizer) -> None:  # noqa: ANN001
     """Answers with a stop token (rows leave as they stop, others join) = the answers without one (every row runs
     to the cap) cut after the first stop token."""

@@ -83,18 +83,24 @@ def _until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
 
 
 def _ours(model: Any, tokenizer: Any, prompts: list, max_new_tokens: int, stop_ids: list[int], batch: int = BATCH) -> tuple[list[str], int]:
-    """The public entry point every caller uses; it returns text, so the tokens are counted at the model: each
-    forward of our loop gives one new token to each row it holds (stopped rows have left)."""
+    """The public entry point every caller uses; it returns text, so the tokens are counted where the loop returns
+    them (not per forward: rows that are done stay in the batch, ignored, until it is compacted)."""
     from stages import generation
+    from stages.core import continuous
 
-    rows_per_forward: list[int] = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]),
-                                           with_kwargs=True)
+    decode, counted = continuous.decode, []
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        answers = decode(*args, **kwargs)
+        counted.extend(len(answer) for answer in answers or [])
+        return answers
+
+    continuous.decode = counting_decode
     try:
         answers = generation.generate(model, tokenizer, prompts, max_new_tokens, batch, stop_token_ids=stop_ids, sort_by_length=True)
     finally:
-        hook.remove()
-    return answers, sum(rows_per_forward)
+        continuous.decode = decode
+    return answers, sum(counted)
 
 
 def _decode_step_shapes(config: Any, rows: int) -> list[tuple[int, int, int, int]]:

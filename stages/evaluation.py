@@ -62,8 +62,8 @@ class EvalConfig:
     )
     benchmark_limit: int | None = field(default=None, metadata={"help": "A seeded subset (eval.seed) of this many prompts per benchmark (default: all)."})
     benchmark_max_new_tokens: int = field(default=384, metadata={"help": "Longest benchmark answer; longer ones are cut (and mostly fail)."})
-    benchmark_batch_size: int = field(default=16, metadata={"help": "Benchmark prompts per generation batch; more is faster on a GPU, uses more memory."})
-    benchmark_max_batch_tokens: int = field(default=8192, metadata={"help": "Benchmark prompt tokens per batch once padded (a long prompt gets a small batch); more on a GPU."})
+    benchmark_batch_size: int = field(default=64, metadata={"help": "Benchmark rows decoding at once (continuous batching); more is faster, uses more memory."})
+    benchmark_max_batch_tokens: int = field(default=32768, metadata={"help": "Benchmark batch positions (rows x width) when a prompt joins (a long prompt decodes with few others); more on a GPU."})
     benchmark_dtype: str = field(default="auto", metadata={"help": "Benchmark generation dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16."})
     embedded: bool | None = field(
         default=None,

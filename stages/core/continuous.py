@@ -9,7 +9,8 @@ How the merge works with transformers' model call: one KV cache (stages/core/kv_
 left padded to it; a 2-D attention mask per row (0 = padding) and explicit position ids per row (the number of
 real tokens before it, as `generate` derives them from the mask), so a row's padding never shifts its positions.
 Merging left pads the narrower side with zero keys and values and concatenates rows; leading columns that are
-padding in every row are dropped once there are `trim_at` of them, so W stays about the longest live row.
+padding in every row are dropped once there are `TRIM_AT` of them, so W stays about the longest live row. Rows
+that are done stay in the batch, ignored, until an eighth of it is done: dropping rows copies the whole cache.
 A row computes the same numbers whatever it shares the batch with, up to fp32 rounding (matmul blocking
 and attention's sums over a longer, masked width can round differently): greedy answers equal those of
 `model.generate` on the prompt alone except at fp32 near-ties (tests/stages/test_generation.py).
@@ -31,11 +32,11 @@ import torch
 from stages.core import kv_cache
 
 # Leading all-padding columns dropped from the cache once there are this many: each trim copies the cache
-# (riding on the copy that rows leaving already make), so a handful of columns is not worth it.
+# (riding on the copy that dropping done rows makes), so a handful of columns is not worth it.
 TRIM_AT = 32
 # Padded prompt tokens of one prefill at most: the matmuls are compute-bound well below this, while one prefill of
 # every row of a large batch pads them all to the longest and grows the activations out of the caches (SmolLM2,
-# 48 IFBench prompts in one prefill: 44 CPU-s; the same prompts admitted in prefills of this size: see bench/README.md).
+# 48 IFBench prompts in one prefill: 44 CPU-s; in four prefills of at most this size: 24 CPU-s; bench/README.md).
 PREFILL_TOKENS = 2048
 
 

@@ -150,11 +150,11 @@ def loop(session: Session, write: Callable[[str], None], read: Callable[[str], s
         if line.startswith("/"):
             print(f"unknown command {line}: {HELP}", flush=True)
             continue
-        write("model> ")
         try:
+            write("model> ")
             _, stopped = session.reply(line, write)
             print(" [stopped]" if stopped else "", flush=True)
-        except KeyboardInterrupt:  # between tokens and the end of the turn: the answer is over either way
+        except KeyboardInterrupt:  # outside the token loop (the label, the last newline): the turn is over either way
             print(" [stopped]", flush=True)
 
 

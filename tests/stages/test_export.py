@@ -169,3 +169,23 @@ def test_builtin_specs_name_their_licence() -> None:
     assert facts == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
     assert yaml.safe_load("---\n") is None  # front_matter of a card without one: {}
     assert model_card.front_matter("# no front matter\n") == {}
+
+
+@pytest.mark.slow
+def test_smollm2_exports_with_its_hub_base_and_end_of_turn(smollm2: Path, tmp_path: Path) -> None:
+    """The real model: base_model and licence from the built-in's spec, eos = `<|im_end|>`, tied embeddings kept,
+    a greedy answer of plain transformers equal to ours (8 tokens: SmolLM2 is slow on this CPU)."""
+    out = export.export("smollm2-135m-instruct", tmp_path / "smollm2")
+    front = model_card.front_matter((out / "README.md").read_text())
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
+    exported, tokenizer = _exported(out)
+    eos = exported.generation_config.eos_token_id
+    assert (eos[0] if isinstance(eos, list) else eos) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    base = Registry().get("smollm2-135m-instruct")
+    registered, registered_tokenizer = models.load_causal_lm(base), models.load_tokenizer(base)
+    messages = [PROMPTS[0]]
+    expected = generation.generate(registered, registered_tokenizer, messages, 8, 1, stop_token_ids=generation.stop_ids(registered, registered_tokenizer))
+    inputs = tokenizer.apply_chat_template(messages[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = exported.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert [tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)] == expected

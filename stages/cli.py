@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo).")
+    parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo | kto).")
     parser.set_defaults(command=None)
     commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,sample,run,registry,eval,instructions,report,export,chat}")
     for stage in STAGE_MODULES:

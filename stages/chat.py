@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from stages import export, generation
+from stages.core import distributed
 from stages.core.errors import UserError
 from stages.core.registry import Registry
 
@@ -110,7 +111,7 @@ def open_session(ref: str, system: str | None = None, temperature: float = 0.7, 
     model, tokenizer = export.load(entry, registry)
     if tokenizer.chat_template is None:
         raise ChatError(f"{ref} has no chat template, so `rlhf chat` cannot format a conversation for it")
-    return Session(model, tokenizer, system, temperature, max_new_tokens, seed)
+    return Session(model.to(distributed.device()), tokenizer, system, temperature, max_new_tokens, seed)  # a GPU where there is one
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import cli, export, generation, model_card
+from stages import chat, cli, export, generation, model_card
 from stages.core import models
 from stages.core.registry import Registry
 
@@ -174,7 +174,7 @@ def test_builtin_specs_name_their_licence() -> None:
 @pytest.mark.slow
 def test_smollm2_exports_with_its_hub_base_and_end_of_turn(smollm2: Path, tmp_path: Path) -> None:
     """The real model: base_model and licence from the built-in's spec, eos = `<|im_end|>`, tied embeddings kept,
-    a greedy answer of plain transformers equal to ours (8 tokens: SmolLM2 is slow on this CPU)."""
+    a greedy answer of plain transformers equal to ours and to `rlhf chat`'s (8 tokens: SmolLM2 is slow on this CPU)."""
     out = export.export("smollm2-135m-instruct", tmp_path / "smollm2")
     front = model_card.front_matter((out / "README.md").read_text())
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
@@ -189,3 +189,7 @@ def test_smollm2_exports_with_its_hub_base_and_end_of_turn(smollm2: Path, tmp_pa
     inputs = tokenizer.apply_chat_template(messages[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = exported.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert [tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)] == expected
+    # `rlhf chat` on the exported folder (a path) answers the same, streamed.
+    pieces: list[str] = []
+    answer, stopped = chat.open_session(str(out), temperature=0, max_new_tokens=8).reply(messages[0][0]["content"], pieces.append)
+    assert [answer] == expected and "".join(pieces) == answer and not stopped

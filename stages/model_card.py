@@ -7,7 +7,7 @@ project, the stages and algorithms of the lineage) and `datasets` where the trai
 Body: how to load it and which files make it up; the lineage from the original base; per stage its data with
 fingerprints, its training config, every held-out metric and benchmark with the evaluation settings.
 
-May import: `stages.core` only.
+May import: `stages.core` and `stages.data` (dataset specs' defaults, to leave them out).
 """
 
 from __future__ import annotations
@@ -167,9 +167,10 @@ def _stage_section(entry: Entry) -> list[str]:
         lines += [f"- algorithm: `{config['algorithm']}`"]
     if config.get("reward_model"):
         lines += [f"- reward model: `{config['reward_model']}`"]
+    defaults = _dataset_defaults()
     for spec in config.get("datasets") or []:
         if isinstance(spec, dict):
-            shown = {k: v for k, v in spec.items() if v not in (None, [], {}, "auto") and k != "source"}
+            shown = {k: v for k, v in spec.items() if k != "source" and v != defaults.get(k) and v not in (None, [], {})}
             lines += [f"- data: `{spec.get('source')}`" + (f" ({_inline(shown)})" if shown else "")]
     lines += [f"- data fingerprint: `{entry.dataset_fingerprint or 'not recorded'}`"]
     if entry.tokenizer_hash:
@@ -177,12 +178,9 @@ def _stage_section(entry: Entry) -> list[str]:
     if entry.wandb_run:
         lines += [f"- W&B run: `{entry.wandb_run}`"]
     metrics = {k: v for k, v in entry.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    lines += ["", "### Held-out metrics and benchmarks", ""]
-    if metrics:
-        lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in sorted(metrics.items())]
-    else:
-        lines += ["None recorded."]
+    held_out = {key: value for key, value in metrics.items() if key.startswith("eval/")}
+    lines += ["", "### Held-out metrics and benchmarks", "", *_table(held_out)]
+    lines += ["", "### Training and data", "", *_table({key: value for key, value in metrics.items() if key not in held_out})]
     if isinstance(config.get("eval"), dict):
         lines += ["", "Evaluation settings:", "", "```yaml", yaml.safe_dump({"eval": config["eval"]}, sort_keys=True).rstrip(), "```"]
     training = {k: v for k, v in config.items() if k != "eval"}
@@ -191,6 +189,22 @@ def _stage_section(entry: Entry) -> list[str]:
         yaml.safe_dump(training, sort_keys=True).rstrip(), "```", "", "</details>", "",
     ]
     return lines
+
+
+def _table(metrics: dict[str, Any]) -> list[str]:
+    if not metrics:
+        return ["None recorded."]
+    rows = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in sorted(metrics.items())]
+    return ["| metric | value |", "| --- | --- |", *rows]
+
+
+def _dataset_defaults() -> dict[str, Any]:
+    """A dataset spec's default values, left out of the card (every recorded config spells them all out)."""
+    from dataclasses import MISSING, asdict, fields
+
+    from stages.data import DatasetSpec
+
+    return asdict(DatasetSpec()) | {f.name: None for f in fields(DatasetSpec) if f.default is MISSING and f.default_factory is MISSING}
 
 
 def _inline(values: dict[str, Any]) -> str:

@@ -140,7 +140,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         embedded = config.eval.scores_embedded(config.datasets)
 
         # -- trainer, train ------------------------------------------------------------------------
-        stage.begin(parent=base, tokenizer=tokenizer)
+        stage.begin(parent=base, tokenizer=tokenizer, dataset_fingerprint=data.fingerprint(mixture.strip_source(examples)))
         if reward_entry is not None:
             stage.record(reward_model=reward_entry.ref)
         inputs = algorithms.PolicyInputs(config, stage, examples, policy, reference, reward_model, tokenizer)

@@ -205,6 +205,7 @@ def test_kto_trains_on_unpaired_feedback_with_the_shared_metrics(tmp_path: Path)
     assert len(margins) == 4 and margins[0] == pytest.approx(0.0, abs=1e-6) and min(margins[1:]) > 0, margins
     entry = Registry().get("policy:latest")
     assert entry.status == "ready" and entry.parent == "tiny-llama" and entry.config["kto"]["desirable_weight"] == 1.5
+    assert entry.dataset_fingerprint  # the card's lineage names the data of every stage
     assert "desirable_weight: `1.5`" in (tmp_path / "policy" / "README.md").read_text()
     trained, initial = models.load_causal_lm(entry).state_dict(), models.load_causal_lm(Registry().get("tiny-llama")).state_dict()
     assert any(not torch.equal(trained[name], initial[name]) for name in initial), "no parameter moved"

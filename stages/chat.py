@@ -60,7 +60,8 @@ class Session:
         whether it was stopped (Ctrl-C). Both turns join the history either way."""
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         prompt = generation.encode_prompt(self.tokenizer, messages + [{"role": "user", "content": message}])
-        if self.context and len(prompt) + self.max_new_tokens > self.context:
+        # Past its trained positions a model's answers degrade; say so once the history leaves little room.
+        if self.context and len(prompt) > self.context - min(self.max_new_tokens, self.context // 4):
             write(f"[the conversation ({len(prompt)} tokens) nears the model's context of {self.context}; /reset starts over] ")
         answer_ids: list[int] = []
         shown = ""

@@ -156,6 +156,19 @@ def test_the_loop_reads_commands_and_leaves_on_end_of_input(capsys: pytest.Captu
     assert chat.loop(session, lambda piece: None, lambda prompt: (_ for _ in ()).throw(EOFError)) == 0
 
 
+def test_the_system_prompt_and_the_history_reach_the_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import generation
+
+    seen: list[list[dict]] = []
+    encode = generation.encode_prompt
+    monkeypatch.setattr(generation, "encode_prompt", lambda tokenizer, messages: seen.append(messages) or encode(tokenizer, messages))
+    session = chat.open_session("tiny-llama", system="Be brief.", temperature=0, max_new_tokens=2)
+    first, _ = session.reply("one", lambda piece: None)
+    session.reply("two", lambda piece: None)
+    assert seen[-1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one"},
+                        {"role": "assistant", "content": first}, {"role": "user", "content": "two"}]
+
+
 def test_prompt_answers_once(registered_sft: str, capsys: pytest.CaptureFixture) -> None:
     expected = chat.open_session(registered_sft, temperature=0, max_new_tokens=24).reply("uppercase: hello", lambda piece: None)[0]
     assert cli.main(["chat", registered_sft, "--prompt", "uppercase: hello", "--temperature", "0", "--max-new-tokens", "24"]) == 0

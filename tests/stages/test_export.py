@@ -160,6 +160,35 @@ def test_push_to_hub_without_credentials_is_a_clear_error_before_any_work(tmp_pa
     assert "'not a repo'" in capsys.readouterr().err
 
 
+def test_push_uploads_the_finished_folder_and_a_network_failure_says_it_is_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub stood in for (no network here): the repo is created, then the complete folder uploaded."""
+    import huggingface_hub
+
+    calls: list[tuple] = []
+
+    class FakeApi:
+        def __init__(self, token: str) -> None:
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id: str, **kwargs: object) -> None:
+            calls.append(("create", repo_id, kwargs["private"]))
+
+        def upload_folder(self, repo_id: str, folder_path: str, **kwargs: object) -> object:
+            calls.append(("upload", repo_id, sorted(path.name for path in Path(folder_path).iterdir())))
+            if repo_id == "someone/offline":
+                raise ConnectionError("no route to host")
+            return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = export.export("tiny-llama", tmp_path / "out", push_to_hub="someone/tiny", private=True)
+    assert calls[0] == ("token", "hf_test") and calls[1] == ("create", "someone/tiny", True)
+    assert calls[2][:2] == ("upload", "someone/tiny") and {"model.safetensors", "README.md", "generation_config.json"} <= set(calls[2][2])
+    with pytest.raises(export.ExportError, match=r"someone/offline failed \(ConnectionError: no route to host\); the folder is complete"):
+        export.export("tiny-llama", tmp_path / "again", push_to_hub="someone/offline")
+    assert (tmp_path / "again" / "model.safetensors").is_file() and (out / "model.safetensors").is_file()
+
+
 def test_builtin_specs_name_their_licence() -> None:
     specs = {entry.name: models.builtin_spec(entry) for entry in Registry().list() if entry.builtin}
     assert specs["smollm2-135m-instruct"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -4,7 +4,8 @@ Negatives come from two places: the SFT model's own sampled answers when they ar
 mistakes a reward model must judge during PPO), and, where the model happened to be right,
 task-aware corruptions (off-by-one sums, unreversed words, one swapped letter). With a `World`
 (stages/tasks/world.py) the pairs are its judge's instead: the policy's sample against an answer of
-different quality, labelled with the judge's noise (held-out pairs: without it).
+different quality, labelled with the judge's noise (held-out pairs: without it). `embedded_feedback` gives the
+same answers unpaired, a thumbs up or down each (KTO).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ demonstration; a plausible wrong answer where the pool's all tie); the judge pre
 and bare 2, right but wrapped 1, wrong 0) and flips `label_noise` of its labels (InstructGPT reports ~73%
 agreement between labellers).
 Held-out pairs are judged without noise: the reward model is scored against the true preference.
+Unpaired feedback (`World.thumbs`, for KTO): the same two answers a prompt's pair would hold, each judged alone,
+a thumbs up only for a right, bare answer, with the same `label_noise`.
 
 May import: `stages.tasks` siblings only.
 """

@@ -133,31 +133,26 @@ def loop(session: Session, write: Callable[[str], None], read: Callable[[str], s
     except ImportError:
         pass
     while True:
-        try:
+        answering = False
+        try:  # a Ctrl-C anywhere in a turn ends that turn, never the session
             line = read("you> ").strip()
-        except EOFError:
+            if line in ("/exit", "/quit"):
+                return 0
+            if line == "/reset":
+                session.reset()
+                print("(history cleared)", flush=True)
+            elif line.startswith("/"):
+                print(f"unknown command {line}: {HELP}", flush=True)
+            elif line:
+                answering = True
+                write("model> ")
+                _, stopped = session.reply(line, write)  # a Ctrl-C between tokens: stopped, what was shown kept
+                print(" [stopped]" if stopped else "", flush=True)
+        except EOFError:  # Ctrl-D
             print()
             return 0
-        except KeyboardInterrupt:  # at the prompt: a fresh line, the session goes on
-            print()
-            continue
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            session.reset()
-            print("(history cleared)", flush=True)
-            continue
-        if line.startswith("/"):
-            print(f"unknown command {line}: {HELP}", flush=True)
-            continue
-        try:
-            write("model> ")
-            _, stopped = session.reply(line, write)
-            print(" [stopped]" if stopped else "", flush=True)
-        except KeyboardInterrupt:  # outside the token loop (the label, the last newline): the turn is over either way
-            print(" [stopped]", flush=True)
+        except KeyboardInterrupt:  # at the prompt a fresh line; around an answer (its label, its last newline) its end
+            print(" [stopped]" if answering else "", flush=True)
 
 
 def _writer(stream: Any) -> Callable[[str], None]:

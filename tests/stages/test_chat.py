@@ -97,6 +97,7 @@ def test_two_turns_typed_in_a_terminal_answer_as_the_model_does(registered_sft: 
     screen.wait_for("you> ", 3)
     screen.type("/reset\r")
     screen.wait_for("(history cleared)")
+    screen.wait_for("you> ", 4)
     screen.type("\x03")  # Ctrl-C at the prompt: a fresh prompt, not the end
     screen.wait_for("you> ", 5)
     screen.type("\x04")  # Ctrl-D leaves

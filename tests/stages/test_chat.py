@@ -37,7 +37,8 @@ class Terminal:
     def type(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 180) -> None:
+    def wait_for(self, text: str, count: int = 1, timeout: float = 600) -> None:
+        # 600 s: starting the command (torch, transformers, the model) took minutes on a CPU shared by five jobs
         deadline = time.time() + timeout
         while self.screen.count(text) < count:
             if not self._read(deadline - time.time()):

@@ -126,12 +126,7 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
                                         do_sample=True, temperature=config.temperature, seed=config.seed, progress="sample")
         stage.check_alive()
         columns = {key: [row.get(key) for row in rows for _ in range(config.num_samples)] for key in sorted({k for r in rows for k in r} - {"prompt"})}
-        totals = functions.score(prompts, responses, columns) if functions.specs else [0.0] * len(responses)
-        per_function = dict(functions.last_scores)
-        if reward_model is not None:
-            reward_scores = score_across_ranks(reward_model, tokenizer, prompts, responses).tolist()
-            per_function["reward_model"] = reward_scores
-            totals = [total + config.reward_model_weight * score for total, score in zip(totals, reward_scores)]
+        totals, per_function = score(prompts, responses, columns, functions, reward_model, tokenizer, config.reward_model_weight)
         samples = [
             {"prompt": prompt, "response": response, "score": total, "prompt_index": index // config.num_samples,
              "sample": index % config.num_samples, "scores": {name: scores[index] for name, scores in per_function.items()}}
@@ -165,6 +160,18 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
     return stage.metrics
 
 
+def score(prompts: list[Any], responses: list[str], columns: dict[str, list[Any]], functions: RewardFunctions, reward_model: Any,
+          tokenizer: Any, reward_model_weight: float) -> tuple[list[float], dict[str, list[float]]]:
+    """Each response's total score (the reward functions' weighted sum, plus the reward model's weighted score) and
+    each scorer's own scores by name. Collective under the launcher (the reward model scores across ranks)."""
+    totals = functions.score(prompts, responses, columns) if functions.specs else [0.0] * len(responses)
+    per_function = dict(functions.last_scores)
+    if reward_model is not None:
+        per_function["reward_model"] = score_across_ranks(reward_model, tokenizer, prompts, responses).tolist()
+        totals = [total + reward_model_weight * value for total, value in zip(totals, per_function["reward_model"])]
+    return totals, per_function
+
+
 def repaired_samples(samples: list[dict[str, Any]], columns: dict[str, list[Any]], functions: RewardFunctions, reward_model: Any,
                      tokenizer: Any, reward_model_weight: float) -> list[dict[str, Any]]:
     """Each sample of a row with IFEval constraints rewritten to follow them (stages/tasks/constraints.py: lowercased,
@@ -184,11 +191,7 @@ def repaired_samples(samples: list[dict[str, Any]], columns: dict[str, list[Any]
     prompts = [samples[index]["prompt"] for index, _ in candidates]
     responses = [rewritten for _, rewritten in candidates]
     picked = {key: [values[index] for index, _ in candidates] for key, values in columns.items()}
-    totals = functions.score(prompts, responses, picked) if functions.specs else [0.0] * len(responses)
-    per_function = dict(functions.last_scores)
-    if reward_model is not None:
-        per_function["reward_model"] = score_across_ranks(reward_model, tokenizer, prompts, responses).tolist()
-        totals = [total + reward_model_weight * score for total, score in zip(totals, per_function["reward_model"])]
+    totals, per_function = score(prompts, responses, picked, functions, reward_model, tokenizer, reward_model_weight)
     return [
         samples[index] | {"response": rewritten, "score": total, "repaired": True,
                           "scores": {name: scores[position] for name, scores in per_function.items()}}

@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--limit", type=int, help="with --benchmark: a seeded subset of N prompts (--seed), for a quick look")
     evaluate.add_argument("--max-new-tokens", type=int, default=384, help="with --benchmark: longest answer (default 384)")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="with --benchmark: prompts per generation batch (more on a GPU)")
-    evaluate.add_argument("--max-batch-tokens", type=int, default=8192, help="with --benchmark: padded prompt tokens per batch (more on a GPU)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="with --benchmark: rows decoding at once (more on a GPU)")
+    evaluate.add_argument("--max-batch-tokens", type=int, default=32768, help="with --benchmark: batch positions (rows x width) when a prompt joins (more on a GPU)")
     evaluate.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --benchmark: auto = bf16 on a GPU, fp32 on a CPU")
     evaluate.set_defaults(command="eval", handler=_eval)
 

@@ -6,7 +6,7 @@ scores, each with a per-family breakdown (`KEY/FAMILY`):
 - `eval/exact_match_unseen_templates`: the trained families in held-out phrasings (never trained on);
 - `eval/exact_match_unseen_tasks`: the families of `heldout_tasks`, which every stage leaves out of its
   embedded training data (only when some are held out).
-Generation (stages/generation.py) is batched with left padding and the KV cache; decoding is greedy
+Generation (stages/generation.py) is continuously batched with left padding and the KV cache; decoding is greedy
 so numbers are comparable between stages. Also here: the policy stage's metrics (reward, win rate, KL to
 the reference) on embedded or the user's held-out prompts, `rlhf eval` of a reward model on held-out embedded
 pairs, and `rlhf eval --data FILE` (evaluate_file; the user-data metrics themselves are in stages/heldout.py), and
@@ -62,8 +62,8 @@ class EvalConfig:
     )
     benchmark_limit: int | None = field(default=None, metadata={"help": "A seeded subset (eval.seed) of this many prompts per benchmark (default: all)."})
     benchmark_max_new_tokens: int = field(default=384, metadata={"help": "Longest benchmark answer; longer ones are cut (and mostly fail)."})
-    benchmark_batch_size: int = field(default=16, metadata={"help": "Benchmark prompts per generation batch; more is faster on a GPU, uses more memory."})
-    benchmark_max_batch_tokens: int = field(default=8192, metadata={"help": "Benchmark prompt tokens per batch once padded (a long prompt gets a small batch); more on a GPU."})
+    benchmark_batch_size: int = field(default=64, metadata={"help": "Benchmark rows decoding at once (continuous batching); more is faster, uses more memory."})
+    benchmark_max_batch_tokens: int = field(default=32768, metadata={"help": "Benchmark batch positions (rows x width) when a prompt joins (a long prompt decodes with few others); more on a GPU."})
     benchmark_dtype: str = field(default="auto", metadata={"help": "Benchmark generation dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16."})
     benchmark_start: bool = field(default=True, metadata={
         "help": "Score the model the stage started from on eval.benchmarks too (eval/ref_NAME/...); false in a chained recipe "
@@ -210,8 +210,8 @@ def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompts: list[l
     """Sampled estimate of KL(policy || reference) per response, and the mean response length.
 
     One response per prompt at temperature 1; KL = mean over prompts of Σ_t [log π(y_t) − log π_ref(y_t)]
-    (the k1 estimator, unbiased for the sequence-level KL). Collective under the launcher, seeded per batch
-    like `generate`.
+    (the k1 estimator, unbiased for the sequence-level KL). Collective under the launcher, each batch seeded
+    on its own (`batch_rng`), so the estimate does not depend on the number of ranks.
     """
 
     def estimate(index: int, batch_prompts: list[list[dict[str, str]]]) -> list[tuple[float, float]]:

@@ -1,14 +1,16 @@
 """Generation shared by every stage and our PPO: chat prompts encoded and left padded, greedy or sampled
-answers, each sampled batch seeded on its own.
+answers, each sampled prompt seeded on its own.
 
-Decoding is our own loop (`_decode`), not `model.generate`: the KV cache is written in place
-(stages/core/kv_cache.py) and a row that has stopped leaves the batch. It gives the tokens `model.generate`
-gives for the same batch, greedy and sampled (tests/stages/test_generation.py); bench/generation.py measures it.
-Models whose cache is not plain full attention (sliding windows...) keep `model.generate`.
+Decoding is our own loop with continuous batching (stages/core/continuous.py), not `model.generate`: the KV
+cache is written in place (stages/core/kv_cache.py), a row that has stopped leaves the batch and the next
+waiting prompt takes its slot. Greedy answers are those of `model.generate` on each prompt alone, up to fp32
+near-ties (tests/stages/test_generation.py); bench/generation.py measures the speed. Models whose cache is not
+plain full attention (sliding windows...) keep `model.generate`, in fixed batches.
 
 Under the deepspeed launcher `generate` is collective: every rank calls it, answers its share of the
-batches (core.distributed.map_shards) and gets every answer. Sampled batches have a fixed size and a
-seed of their own (`batch_seed`), so on-policy samples are the same at any number of ranks.
+prompts (core.distributed.map_shards) and gets every answer. Each sampled prompt draws from a generator
+seeded by (seed, its index in the caller's list) (`batch_seed`), so on-policy samples are the same at any
+number of ranks and any batch size.
 
 May import: `stages.core` and torch; nothing above (checked by import-linter).
 """
@@ -20,11 +22,11 @@ from typing import Any, Iterator
 
 import torch
 
-from stages.core import distributed, kv_cache
+from stages.core import continuous, distributed
 
 Messages = list[dict[str, str]]
-# Sampled generation runs in batches of this size, each with its own seed: the samples then do not depend
-# on how many ranks share the batches (64: even 200 prompts still give every rank of 2-4 some work).
+# Rows decoding at once in sampled generation (`sample_responses`) and in the KL estimate's batches
+# (stages/evaluation.py). The samples do not depend on it (each prompt has its own generator).
 SAMPLE_BATCH_SIZE = 64
 
 
@@ -54,7 +56,8 @@ def left_padded_prompts(tokenizer: Any, prompts: list[Messages], device: torch.d
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
-    """The seed of one sampled batch: distinct for nearby seeds too (seed 42 batch 1 vs seed 43 batch 0)."""
+    """The seed of item `batch_index` (a sampled prompt's index in the caller's list, a batch's index): distinct for
+    nearby seeds too (seed 42 item 1 vs seed 43 item 0)."""
     return seed * 100_003 + batch_index
 
 
@@ -84,53 +87,54 @@ def generate(
     """Answer chat prompts; returns decoded responses without special tokens, in the order of `prompts`.
     Collective under the launcher.
 
-    Greedy: the prompts are spread over the ranks in batches of at most `batch_size`. Sampled: batches of
-    exactly `batch_size`, batch i drawn with its own seed (from `seed` and i), without moving the caller's
-    global RNG. `stop_token_ids`: the tokens that end an answer (default the tokenizer's eos; see
-    `end_of_turn_ids`). `sort_by_length` (greedy): batches of prompts of similar length, longest first (less
-    padding; a batch too large for memory fails at once), each also holding at most `max_batch_tokens` prompt
-    tokens once padded (a batch ends early where one long prompt would pad the others to its length).
-    `progress`: a progress bar with this title (main process).
+    Continuous batching (stages.core.continuous): up to `batch_size` rows decode at once and a stopped row's slot
+    goes to the next waiting prompt. Under the launcher each rank takes every world_size-th prompt of the
+    admission order. Greedy answers are each prompt's own (model.generate's on the prompt alone, up to fp32
+    near-ties). Sampled: prompt i of `prompts` draws from its own generator seeded `batch_seed(seed, i)`, so its
+    sample depends on (seed, i, prompt) only: not on the batch size, the other prompts or the number of ranks; the
+    caller's global RNG is not moved. `stop_token_ids`: the tokens that end an answer (default the tokenizer's eos;
+    see `end_of_turn_ids`). `sort_by_length`: admit prompts longest first (less padding in each prefill; a batch
+    too large for memory fails at once). `max_batch_tokens`: prompts join the running batch only while it then holds
+    at most this many positions (rows x width, padding included; a long prompt decodes with few others), and a
+    batch of the `model.generate` fallback holds at most this many prompt tokens once padded. `progress`: a
+    progress bar with this title (main process).
     """
-    chunk_size = batch_size if do_sample else distributed.spread_chunk_size(len(prompts), at_most=batch_size)
+    token_ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     order = list(range(len(prompts)))
     if sort_by_length:
-        lengths = [len(encode_prompt(tokenizer, prompt)) for prompt in prompts]
-        order.sort(key=lambda index: -lengths[index])  # stable: equal lengths keep their order
+        order.sort(key=lambda index: -len(token_ids[index]))  # stable: equal lengths keep their order
+    size = distributed.world_size()
     bar = _progress_bar(progress, len(prompts))
 
-    def answer(index: int, batch_prompts: list[Messages]) -> list[str]:
-        with batch_rng(model, seed, index):  # only sampling draws from it
-            responses = _generate_batch(model, tokenizer, batch_prompts, max_new_tokens, do_sample, temperature, stop_token_ids)
-        if bar is not None:
-            bar.update(min(len(batch_prompts) * distributed.world_size(), bar.total - bar.n))  # the other ranks answer alike
-        return responses
+    def answer(_: int, share: list[list[int]]) -> list[list[str]]:
+        """One rank's share of the prompts (their indices in `prompts`, in admission order), answered."""
+        on_finished = None if bar is None else lambda count: bar.update(min(count * size, bar.total - bar.n))
+        indices = share[0]
+        texts = _generate_share(model, tokenizer, [token_ids[i] for i in indices], indices, max_new_tokens, batch_size,
+                                do_sample, temperature, seed, stop_token_ids, max_batch_tokens, on_finished)
+        return [texts]
 
     try:
-        if sort_by_length and not do_sample:
-            chunks = _length_sorted_chunks([lengths[index] for index in order], chunk_size, max_batch_tokens)
-            ordered = [[prompts[order[position]] for position in chunk] for chunk in chunks]
-            # One chunk per item: map_shards deals the (unequal) batches out to the ranks as it deals equal ones.
-            answers = [r for batch in distributed.map_shards(lambda i, one: [answer(i, one[0])], ordered, 1) for r in batch]
-        else:
-            answers = distributed.map_shards(answer, [prompts[index] for index in order], chunk_size)
+        # One share per rank (map_shards deals item r to rank r): every rank runs its own continuous batch.
+        shares = distributed.map_shards(answer, [order[rank::size] for rank in range(size)], 1)
     finally:
         if bar is not None:
             bar.close()
     responses = [""] * len(prompts)
-    for position, index in enumerate(order):
-        responses[index] = answers[position]
+    for rank, texts in enumerate(shares):
+        for index, text in zip(order[rank::size], texts):
+            responses[index] = text
     return responses
 
 
 def _length_sorted_chunks(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
-    """Consecutive positions of length-sorted (longest first) prompts, cut into batches of at most `batch_size`
-    prompts and at most `max_batch_tokens` once padded to the batch's longest (its first) prompt."""
+    """Consecutive positions of the prompts (lengths in admission order, longest first when sorted), cut into batches
+    of at most `batch_size` prompts and at most `max_batch_tokens` once padded to the batch's longest prompt."""
     chunks: list[list[int]] = []
     for position, length in enumerate(lengths):
         chunk = chunks[-1] if chunks else None
         fits = chunk is not None and len(chunk) < batch_size and (
-            max_batch_tokens is None or (len(chunk) + 1) * lengths[chunk[0]] <= max_batch_tokens
+            max_batch_tokens is None or (len(chunk) + 1) * max(length, *(lengths[p] for p in chunk)) <= max_batch_tokens
         )
         if fits:
             chunk.append(position)
@@ -163,75 +167,36 @@ def _progress_bar(title: str | None, total: int) -> Any:
 
 
 @torch.no_grad()
-def _generate_batch(
-    model: Any, tokenizer: Any, prompts: list[Messages], max_new_tokens: int, do_sample: bool, temperature: float,
-    stop_token_ids: list[int] | None = None,
+def _generate_share(
+    model: Any, tokenizer: Any, token_ids: list[list[int]], indices: list[int], max_new_tokens: int, batch_size: int,
+    do_sample: bool, temperature: float, seed: int, stop_token_ids: list[int] | None, max_batch_tokens: int | None,
+    on_finished: Any,
 ) -> list[str]:
+    """Prompts (token ids; `indices`: their places in the caller's list, which seed their samples) answered by
+    continuous batching, or by `model.generate` in fixed batches where our cache does not fit the model."""
     was_training = model.training
     model.eval()
     try:
-        batch = left_padded_prompts(tokenizer, prompts, model.device)
         stop_ids = stop_token_ids or _as_list(tokenizer.eos_token_id)
-        answers = _decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens, stop_ids, do_sample, temperature)
+        sampling = None
+        if do_sample:
+            generators = [torch.Generator(device=model.device).manual_seed(batch_seed(seed, index)) for index in indices]
+            sampling = continuous.Sampling(generators, temperature)
+        answers = continuous.decode(model, token_ids, max_new_tokens, stop_ids, batch_size, tokenizer.pad_token_id, sampling,
+                                    max_batch_tokens=max_batch_tokens, on_finished=on_finished)
         if answers is None:  # a cache layout our loop does not reproduce (sliding windows...): transformers' loop
-            answers = _plain_generate(model, batch, max_new_tokens, stop_ids, do_sample, temperature, tokenizer.pad_token_id)
+            answers = []
+            for chunk in _length_sorted_chunks([len(ids) for ids in token_ids], batch_size, max_batch_tokens):
+                ids, mask = left_pad([token_ids[position] for position in chunk], tokenizer.pad_token_id, model.device)
+                # Sampled: each batch seeded by its first prompt's index, so here the samples depend on the batching.
+                with batch_rng(model, seed, indices[chunk[0]]):
+                    answers += _plain_generate(model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens, stop_ids,
+                                               do_sample, temperature, tokenizer.pad_token_id)
+                if on_finished is not None:
+                    on_finished(len(chunk))
         return tokenizer.batch_decode(answers, skip_special_tokens=True)
     finally:
         model.train(was_training)
-
-
-def _decode(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
-    do_sample: bool, temperature: float,
-) -> list[list[int]] | None:
-    """Our decode loop: each row's new tokens, up to and including its stop token. None where the model's cache
-    layout is not plain full attention (see stages.core.kv_cache).
-
-    It computes what `model.generate` computes for this left-padded batch (same inputs, positions, masks and
-    attention shapes, logits of the last position only; the cache written in place instead of concatenated),
-    except that a row that has stopped leaves the batch instead of generating padding until the longest row ends
-    (IFBench's answers run from a few to hundreds of tokens): each remaining row's numbers do not change. Sampling draws what `torch.multinomial` would for the whole batch (see `_next_tokens`),
-    so a sampled batch's answers are those of `model.generate` under the same seed too.
-    """
-    batch, width = input_ids.shape
-    cache = kv_cache.preallocated_cache(model, width + max_new_tokens)
-    if cache is None:
-        return None
-    stop = torch.tensor(stop_ids, device=input_ids.device)
-    rows = torch.arange(batch, device=input_ids.device)  # the batch row of each active row
-    # Positions as generate derives them from the mask: left padding shifts no prompt (pads sit at position 1).
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    answers: list[list[int]] = [[] for _ in range(batch)]
-    inputs = input_ids
-    for step in range(max_new_tokens):
-        logits = model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (active, vocab)
-        tokens = _next_tokens(logits, do_sample, temperature, batch, rows)
-        for row, token in zip(rows.tolist(), tokens.tolist()):
-            answers[row].append(token)
-        finished = torch.isin(tokens, stop)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        if bool(finished.any()):
-            keep = (~finished).nonzero().flatten()
-            rows, tokens, attention_mask, position_ids = rows[keep], tokens[keep], attention_mask[keep], position_ids[keep]
-            kv_cache.select_rows(cache, keep)
-        inputs = tokens[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-    return answers
-
-
-def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, batch: int, rows: torch.Tensor) -> torch.Tensor:
-    """Greedy: the argmax. Sampled: softmax(logits / temperature), drawn as `torch.multinomial(probs, 1)` draws it
-    (argmax of probs / Exp(1) noise), with the noise of every row of the batch drawn each step and the active rows'
-    taken: the global RNG advances as under `model.generate`, where stopped rows still draw, so the samples match
-    its samples and do not depend on which rows have left."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
-    noise = torch.empty((batch, probs.shape[-1]), device=probs.device).exponential_(1)[rows]
-    return (probs / noise).argmax(dim=-1)
 
 
 def _plain_generate(

@@ -12,8 +12,8 @@ A stage reads them as `datasets: [{source: RUN/samples, split: rows}]` (or `spli
 records the model, the scorers, the prompt sources, the seed and the sampling settings.
 
 Departures: best and worst are by total score, ties broken by sample order; a prompt whose samples all score
-alike gives no pair. The model samples at `temperature` with the seeded, rank-independent batches of
-stages/generation.py, so the same config draws the same samples on 1 or N ranks.
+alike gives no pair. The model samples at `temperature` with stages/generation.py, each sample from its own generator seeded by
+(seed, its index), so the same config draws the same samples on 1 or N ranks and at any batch size.
 
 Run:
     rlhf sample --config configs/sample/tiny.yaml [key=value ...]
@@ -59,7 +59,7 @@ class SampleStageConfig(StageConfig):
     num_samples: int = field(default=4, metadata={"help": "Answers sampled per prompt."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer."})
-    batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch (each batch seeded on its own)."})
+    batch_size: int = field(default=64, metadata={"help": "Rows decoding at once (continuous batching); the samples do not depend on it."})
     reward_functions: list[RewardFunctionSpec] = field(
         default_factory=list, metadata={"help": "Scorers: reward functions, each {name | path | module, weight, options} (reward/functions.py)."}
     )

@@ -1,5 +1,5 @@
-"""A KV cache for our decode loop (stages/generation.py): transformers' cache with each layer's keys and values in
-a buffer allocated once, rows removable as they finish.
+"""A KV cache for our decode loop (stages/core/continuous.py): transformers' cache with each layer's keys and values
+in a buffer allocated once, rows removable as they finish, rows of another cache appendable (continuous batching).
 
 Why not transformers' own caches: `DynamicCache` appends each step's keys with `torch.cat`, which copies the
 whole cache every step (a third of SmolLM2's decode step at batch 16 with 150-token prompts, measured);
@@ -50,16 +50,37 @@ class PreallocatedLayer(DynamicLayer):
     def get_max_length(self) -> int:
         return self.capacity
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only these rows (finished rows leave the batch): copies the filled part, not the capacity."""
+    def batch_select_indices(self, indices: torch.Tensor, drop_columns: int = 0) -> None:
+        """Keep only these rows (finished rows leave the batch) and drop the first `drop_columns` positions
+        (padding in every kept row): copies the filled part, not the capacity."""
         if not self.is_initialized:
             return
+        length = self.length - drop_columns
         for name in ("key_buffer", "value_buffer"):
             old = getattr(self, name)
             new = old.new_empty((len(indices), *old.shape[1:]))
-            new[:, :, : self.length] = old[indices, :, : self.length]
+            new[:, :, :length] = old[indices, :, drop_columns : self.length]
             setattr(self, name, new)
-        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+        self._set_length(length)
+
+    def append_rows(self, other: "PreallocatedLayer", capacity: int) -> None:
+        """`other`'s rows below these, both sides right-aligned to the longer filled length: the shorter side is
+        left padded with zeros (finite, so masked positions add exactly 0 to attention's weighted sum). Room for
+        `capacity` positions afterwards."""
+        length = max(self.length, other.length)
+        self.capacity = max(capacity, length)
+        for name in ("key_buffer", "value_buffer"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            new = mine.new_empty((mine.shape[0] + theirs.shape[0], mine.shape[1], self.capacity, mine.shape[-1]))
+            for rows, part, filled in ((slice(0, mine.shape[0]), mine, self.length), (slice(mine.shape[0], None), theirs, other.length)):
+                new[rows, :, : length - filled] = 0
+                new[rows, :, length - filled : length] = part[:, :, :filled]
+            setattr(self, name, new)
+        self._set_length(length)
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
 
     def reset(self) -> None:
         self.length = 0
@@ -80,7 +101,13 @@ def preallocated_cache(model: Any, capacity: int) -> Cache | None:
     return Cache(layers=[PreallocatedLayer(capacity) for _ in layer_types])
 
 
-def select_rows(cache: Cache, indices: torch.Tensor) -> None:
-    """Keep only the rows `indices` of every layer."""
+def select_rows(cache: Cache, indices: torch.Tensor, drop_columns: int = 0) -> None:
+    """Keep only the rows `indices` of every layer, without its first `drop_columns` positions."""
     for layer in cache.layers:
-        layer.batch_select_indices(indices)
+        layer.batch_select_indices(indices, drop_columns)
+
+
+def append_rows(cache: Cache, joining: Cache, capacity: int) -> None:
+    """`joining`'s rows appended to `cache`'s (see `PreallocatedLayer.append_rows`); `joining` is left unused."""
+    for layer, other in zip(cache.layers, joining.layers):
+        layer.append_rows(other, capacity)

@@ -83,7 +83,7 @@ def test_map_shards_splits_chunks_between_ranks_and_gives_every_rank_all_results
 def _samples_and_greedy(rank: int) -> tuple[list[str], list[str]]:
     from stages import generation
 
-    generation.SAMPLE_BATCH_SIZE = 4  # 3 sampled batches: both ranks get some (a spawned process: nothing leaks)
+    generation.SAMPLE_BATCH_SIZE = 4  # 4 rows at once: refills on each rank (a spawned process: nothing leaks)
     return _sample_and_answer()
 
 
@@ -101,8 +101,8 @@ def _sample_and_answer() -> tuple[list[str], list[str]]:
 
 
 def test_samples_do_not_depend_on_the_number_of_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On-policy negatives are seeded per batch, so two ranks sharing the batches draw exactly what one
-    process draws alone (an untrained model, so the samples are varied and a wrong seed would show)."""
+    """On-policy negatives are seeded per prompt (seed, index), so two ranks sharing the prompts draw exactly what
+    one process draws alone (an untrained model, so the samples are varied and a wrong seed would show)."""
     from stages import generation
 
     on_rank0, on_rank1 = _run_on_two_ranks(_samples_and_greedy, tmp_path)

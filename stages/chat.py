@@ -8,7 +8,8 @@ smollm2-135m-instruct, a model folder, a .gguf file). Every turn is the whole co
 history, the new message) through the model's own chat template; the answer is printed token by token as it is
 generated and stops at the template's end-of-turn token (stages/generation.py, `stop_ids`). /reset clears the
 history, /exit or Ctrl-D leaves; Ctrl-C stops the current answer (what was printed stays in the history, so the
-next turn sees what you saw) and a Ctrl-C at the prompt clears the line, without ending the session.
+next turn sees what you saw) and a Ctrl-C at the prompt clears the line, without ending the session. At a terminal
+the session takes SIGINT even where its launcher ignored it (`main`: Ctrl-C is this command's key).
 
 Decoding is a plain token loop with transformers' DynamicCache (batch 1: the in-place cache of the batched
 evaluation loop buys nothing here), greedy at --temperature 0, else sampled from a generator seeded by --seed.
@@ -17,6 +18,7 @@ evaluation loop buys nothing here), greedy at --temperature 0, else sampled from
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -57,16 +59,17 @@ class Session:
 
     def reply(self, message: str, write: Callable[[str], None]) -> tuple[str, bool]:
         """Answer `message` after the history, calling `write` with each new piece of text; returns the answer and
-        whether it was stopped (Ctrl-C). Both turns join the history either way."""
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        prompt = generation.encode_prompt(self.tokenizer, messages + [{"role": "user", "content": message}])
-        # Past its trained positions a model's answers degrade; say so once the history leaves little room.
-        if self.context and len(prompt) > self.context - min(self.max_new_tokens, self.context // 4):
-            write(f"[the conversation ({len(prompt)} tokens) nears the model's context of {self.context}; /reset starts over] ")
+        whether it was stopped (Ctrl-C). Both turns join the history either way, also when the Ctrl-C came before
+        the first token (while the prompt was encoded or the first token computed): the answer is then empty."""
         answer_ids: list[int] = []
         shown = ""
         stopped = False
         try:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+            prompt = generation.encode_prompt(self.tokenizer, messages + [{"role": "user", "content": message}])
+            # Past its trained positions a model's answers degrade; say so once the history leaves little room.
+            if self.context and len(prompt) > self.context - min(self.max_new_tokens, self.context // 4):
+                write(f"[the conversation ({len(prompt)} tokens) nears the model's context of {self.context}; /reset starts over] ")
             for token in self._tokens(prompt):
                 answer_ids.append(token)
                 text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
@@ -123,7 +126,15 @@ def main(args: argparse.Namespace) -> int:
         print()
         return 130 if stopped else 0
     print(f"chatting with {args.ref} ({HELP})", flush=True)
-    return loop(session, write)
+    if not sys.stdin.isatty():  # lines from a pipe or a file: SIGINT stays as the launcher left it
+        return loop(session, write)
+    # At a terminal Ctrl-C is ours even where the launcher ignored SIGINT (a `&` job of a script inherits it ignored,
+    # and Python then never raises KeyboardInterrupt: every Ctrl-C, at the prompt or in an answer, did nothing).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return loop(session, write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def loop(session: Session, write: Callable[[str], None], read: Callable[[str], str] = input) -> int:
@@ -146,7 +157,7 @@ def loop(session: Session, write: Callable[[str], None], read: Callable[[str], s
             elif line:
                 answering = True
                 write("model> ")
-                _, stopped = session.reply(line, write)  # a Ctrl-C between tokens: stopped, what was shown kept
+                _, stopped = session.reply(line, write)  # a Ctrl-C from here on: stopped, what was shown kept
                 print(" [stopped]" if stopped else "", flush=True)
         except EOFError:  # Ctrl-D
             print()

@@ -4,7 +4,9 @@
   adapters disabled), `dpo.loss_type`/`dpo.beta` from config;
 - ppo: our PPO trainer (stages/ppo): actor and reference from SFT, reward model from stage 2, critic
   initialised from the reward model;
-- grpo / rloo: TRL's trainers with the stage-2 reward model as reward function.
+- grpo / rloo: TRL's trainers with the stage-2 reward model as reward function;
+- kto: trl.KTOTrainer on unpaired feedback (a thumbs up or down on one answer; pairs unpaired), reference as
+  for DPO, `kto.desirable_weight`/`kto.undesirable_weight`/`kto.beta` from config.
 PPO, GRPO and RLOO are rewarded by the reward model (`reward_model_weight`) and the configured reward functions
 (`reward_functions:`, reward/functions.py), a weighted sum; each function is logged apart. Where the prompts have
 answers and `exact_answer` is not among the functions, it rides along as a gold reward, logged, never optimised:
@@ -67,6 +69,23 @@ def train_dpo(inputs: PolicyInputs) -> PolicyOutcome:
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
     return _train_trl(trainer, inputs, config.dpo, ("loss_type", "beta", "learning_rate", "num_train_epochs"))
+
+
+def train_kto(inputs: PolicyInputs) -> PolicyOutcome:
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    config, stage = inputs.config, inputs.stage
+    trainer = KTOTrainer(
+        model=inputs.policy,
+        ref_model=inputs.reference,  # None with LoRA: TRL then uses the adapter-disabled policy
+        args=trainers.trl_args(KTOConfig, stage, config, config.kto),
+        train_dataset=trainers.shared_dataset(stage, Dataset.from_list(mixture.strip_source(inputs.examples))),
+        processing_class=inputs.tokenizer,
+        peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
+    )
+    keys = ("loss_type", "beta", "desirable_weight", "undesirable_weight", "learning_rate", "num_train_epochs")
+    return _train_trl(trainer, inputs, config.kto, keys)
 
 
 def _without_margins(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,4 +219,5 @@ ALGORITHMS: dict[str, Callable[[PolicyInputs], PolicyOutcome]] = {
     "ppo": train_ppo,
     "grpo": train_group_relative,
     "rloo": train_group_relative,
+    "kto": train_kto,
 }

@@ -5,6 +5,8 @@
     rlhf eval REF [--json] [--data FILE [--split S]]
     rlhf eval REF --benchmark ifbench [--limit N] [--max-new-tokens T] [--batch-size B]   (or: --benchmark ifeval --data FILE)
     rlhf report RUN [RUN_B] [--out DIR]
+    rlhf export REF OUT [--overwrite] [--push-to-hub ORG/NAME [--private]]
+    rlhf chat REF [--system S] [--temperature T] [--max-new-tokens N] [--prompt TEXT]
 
 Stage modules are imported only when their command runs, and the registry commands import neither torch nor
 transformers (tests/stages/test_layout.py checks it), so they answer at once.
@@ -42,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo).")
+    parser = argparse.ArgumentParser(prog="rlhf", description="Staged post-training: sft → reward → policy (dpo | ppo | grpo | rloo | kto).")
     parser.set_defaults(command=None)
-    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,sample,run,registry,eval,instructions,report}")
+    commands = parser.add_subparsers(title="commands", metavar="{sft,reward,policy,sample,run,registry,eval,instructions,report,export,chat}")
     for stage in STAGE_MODULES:
         commands.add_parser(stage, help=f"run the {stage} stage: --config FILE [key=value ...]")
     commands.add_parser("run", help="run a recipe: RECIPE.yaml [key=value ...] [--dry-run]")
@@ -98,6 +100,23 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN", help="run name under RLHF_HOME, or a run directory; give two to compare")
     report.add_argument("--out", help="output folder (default: RLHF_HOME/RUN/report, or RUN/report-vs-RUN_B)")
     report.set_defaults(command="report", handler=_report)
+
+    export = commands.add_parser("export", help="a model as a folder plain transformers loads (merged safetensors, tokenizer, card); or push it to the Hub")
+    export.add_argument("ref", help="registry reference, built-in name, model folder or .gguf file")
+    export.add_argument("out", help="the folder to write (must not exist or be empty, unless --overwrite)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once the new folder is complete)")
+    export.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the folder to this Hub model repo (needs credentials and network)")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    export.set_defaults(command="export", handler=_export)
+
+    chat = commands.add_parser("chat", help="talk to a model in the terminal (its chat template, streamed); --prompt answers once")
+    chat.add_argument("ref", help="registry reference, built-in name, model folder or .gguf file")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed (the session is reproducible)")
+    chat.add_argument("--prompt", help="answer this one message and exit (scriptable)")
+    chat.set_defaults(command="chat", handler=_chat)
     return parser
 
 
@@ -233,6 +252,20 @@ def _report(args: argparse.Namespace) -> int:
 
     print(report.write_report(args.runs, args.out))  # a ReportError is a UserError: one line, exit 2
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from stages import export
+
+    out = export.export(args.ref, args.out, overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private)
+    print(f"exported {args.ref} to {out}" + (f" and pushed it to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from stages import chat
+
+    return chat.main(args)
 
 
 def _key_metric(metrics: dict[str, Any]) -> str:

@@ -151,6 +151,27 @@ def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted({token for token in [tokenizer.eos_token_id, *configured] if token is not None})
 
 
+def end_of_turn_token(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (tiny tokenizer: `<|end|>`; ChatML:
+    `<|im_end|>`), read off the template itself; None where the template closes turns with no special token."""
+    marker = "MARKER-7f3a"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation tells us nothing
+        return None
+    after = text[text.find(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the template's end-of-turn token first, then `end_of_turn_ids`."""
+    turn_end = end_of_turn_token(tokenizer)
+    return ([turn_end] if turn_end is not None else []) + [t for t in end_of_turn_ids(model, tokenizer) if t != turn_end]
+
+
 def sample_responses(
     model: Any, tokenizer: Any, prompts: list[Messages], seed: int, max_new_tokens: int, temperature: float = 1.0
 ) -> list[str]:

@@ -1,7 +1,9 @@
-"""Stage 3: policy optimisation from the SFT model; `algorithm: dpo | ppo | grpo | rloo` picks the method.
+"""Stage 3: policy optimisation from the SFT model; `algorithm: dpo | ppo | grpo | rloo | kto` picks the method.
 
 The algorithms (stages/algorithms.py): dpo (trl.DPOTrainer, reference = the SFT model), ppo (ours,
-stages/ppo: critic initialised from the reward model), grpo / rloo (TRL's trainers). The online algorithms
+stages/ppo: critic initialised from the reward model), grpo / rloo (TRL's trainers), kto (trl.KTOTrainer on
+unpaired feedback: TRL's prompt/completion/label rows, pairs unpaired, in the embedded world the judge's thumbs
+on single answers, stages/tasks/world.py). The online algorithms
 are rewarded by the stage-2 reward model and/or reward functions (`reward_functions:`: built-in verifiers
 such as `exact_answer`, or your own code; reward/functions.py), weighted and summed. Embedded
 DPO pairs reject the SFT model's own mistakes, as in the reward stage.
@@ -33,7 +35,7 @@ from stages.data.prompts import load_heldout_prompt_rows, load_prompt_rows
 from stages.core.errors import run_main
 from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
 from stages.ppo.config import PPOConfig
-from stages.tasks.pairs import embedded_pairs
+from stages.tasks.pairs import embedded_feedback, embedded_pairs
 
 ALGORITHMS = tuple(algorithms.ALGORITHMS)
 # Offsets of the stage seed for the draws of its embedded data, so that they differ from the reward stage's
@@ -47,7 +49,7 @@ ONLINE_PROMPTS_SEED_OFFSET = 2  # the prompts of PPO/GRPO/RLOO
 class PolicyStageConfig(StageConfig):
     """Config of the policy stage (configs/policy/*.yaml)."""
 
-    algorithm: str = field(default="dpo", metadata={"help": "dpo | ppo | grpo | rloo."})
+    algorithm: str = field(default="dpo", metadata={"help": "dpo | ppo | grpo | rloo | kto."})
     model: str = field(default="sft:latest", metadata={"help": "Policy initialisation and reference (default: the newest SFT output)."})
     reward_model: str | None = field(
         default="reward:latest", metadata={"help": "Stage-2 reward model: PPO/GRPO/RLOO reward and every algorithm's eval/reward_mean."}
@@ -55,12 +57,12 @@ class PolicyStageConfig(StageConfig):
     critic: str | None = field(default=None, metadata={"help": "PPO critic initialisation (default: the reward model)."})
     datasets: list[data.DatasetSpec] = field(
         default_factory=lambda: [data.DatasetSpec(num_examples=3000)],
-        metadata={"help": "DPO: preference pairs; PPO/GRPO/RLOO: prompts (a 'prompt' column, optional 'answer'). Mixed as in stages/data/mixture.py."},
+        metadata={"help": "DPO: preference pairs; KTO: feedback rows (prompt, completion, label) or pairs, unpaired; PPO/GRPO/RLOO: prompts (a 'prompt' column, optional 'answer'). Mixed as in stages/data/mixture.py."},
     )
     mixture_size: int | None = field(
         default=None, metadata={"help": "Total pairs (DPO) or prompts; sources with a weight share what fixed num_examples leave."}
     )
-    onpolicy_negatives: bool = field(default=True, metadata={"help": "DPO on embedded data: reject the SFT model's own wrong samples."})
+    onpolicy_negatives: bool = field(default=True, metadata={"help": "DPO/KTO on embedded data: judge the SFT model's own samples."})
     reward_functions: list[RewardFunctionSpec] = field(
         default_factory=list,
         metadata={"help": "PPO/GRPO/RLOO: reward functions, each {name | path | module, weight, options}, summed with the reward "
@@ -71,19 +73,22 @@ class PolicyStageConfig(StageConfig):
         metadata={"help": "PPO/GRPO/RLOO: weight of the reward model's score in the total reward (default 1; PPO: ppo.reward_model_coef)."},
     )
     verifiable_reward: bool | None = field(default=None, metadata={"help": "Replaced by reward_functions: [{name: exact_answer}]; setting it is an error."})
-    drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed preference pairs with a count."})
+    drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed preference pairs (KTO: feedback rows) with a count."})
     dpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.DPOConfig arguments."})
     grpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.GRPOConfig arguments."})
     rloo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.RLOOConfig arguments."})
+    kto: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "trl.KTOConfig arguments (desirable_weight, undesirable_weight, beta, ...)."}
+    )
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "Our PPO trainer's settings (stages/ppo/config.py)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
-        from trl import DPOConfig, GRPOConfig, RLOOConfig
+        from trl import DPOConfig, GRPOConfig, KTOConfig, RLOOConfig
 
-        for section, trl_class in (("dpo", DPOConfig), ("grpo", GRPOConfig), ("rloo", RLOOConfig)):
+        for section, trl_class in (("dpo", DPOConfig), ("grpo", GRPOConfig), ("rloo", RLOOConfig), ("kto", KTOConfig)):
             setattr(self, section, trainers.check_trl_section(trl_class, getattr(self, section), section, "policy config"))
         if self.verifiable_reward is not None:
             raise ConfigError("verifiable_reward was replaced by reward functions: write `reward_functions: [{name: exact_answer}]` "
@@ -97,6 +102,8 @@ class PolicyStageConfig(StageConfig):
             raise ConfigError(f"algorithm {self.algorithm} needs a reward: reward_model, reward_functions, or both")
         if self.algorithm == "ppo" and self.reward_model is None and self.critic is None:
             raise ConfigError("ppo without a reward model needs a critic to start from: set critic (e.g. critic: sft:latest, a fresh value head)")
+        if self.algorithm == "kto" and self.length_grouping:
+            raise ConfigError("length_grouping applies to SFT, reward and DPO; KTO draws its batches as TRL does: set it to 0")
         mixture.check(self.datasets, self.mixture_size, self.eval.heldout_tasks)
 
 
@@ -126,14 +133,14 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         reference = None if config.lora.enabled else _frozen(models.load_causal_lm(base, config.trust_remote_code))
 
         # -- data (before tracking and registration: bad data leaves no W&B run or registry entry) -----
-        examples = _preference_pairs(config, policy, tokenizer) if config.algorithm == "dpo" else _prompt_rows(config)
+        examples = _judged_examples(config, policy, tokenizer) if config.algorithm in ("dpo", "kto") else _prompt_rows(config)
         mixture_metrics = mixture.report(examples, data.token_counts(tokenizer, examples), mixture.requested_shares(config.datasets, config.mixture_size))
         print("policy: training mixture\n" + mixture.describe(mixture_metrics))
         heldout_pairs, heldout_prompts = _user_heldout(config)
         embedded = config.eval.scores_embedded(config.datasets)
 
         # -- trainer, train ------------------------------------------------------------------------
-        stage.begin(parent=base, tokenizer=tokenizer)
+        stage.begin(parent=base, tokenizer=tokenizer, dataset_fingerprint=data.fingerprint(mixture.strip_source(examples)))
         if reward_entry is not None:
             stage.record(reward_model=reward_entry.ref)
         inputs = algorithms.PolicyInputs(config, stage, examples, policy, reference, reward_model, tokenizer)
@@ -190,19 +197,28 @@ def _check_kinds(config: PolicyStageConfig, base: Any, reward_entry: Any) -> Non
 
 # -- data ----------------------------------------------------------------------------------------
 
-def _preference_pairs(config: PolicyStageConfig, policy: Any, tokenizer: Any) -> list[dict[str, Any]]:
+def _judged_examples(config: PolicyStageConfig, policy: Any, tokenizer: Any) -> list[dict[str, Any]]:
+    """DPO: preference pairs; KTO: unpaired feedback, on embedded data the same answers judged one by one."""
+    unpaired = config.algorithm == "kto"
+
     def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:
         if spec.source != "embedded":
-            rows, dropped = data.load_preference_rows(spec, config.drop_malformed)
+            rows, dropped = (data.load_feedback_rows if unpaired else data.load_preference_rows)(spec, config.drop_malformed)
             if dropped:
-                print(f"policy: dropped {dropped} malformed pairs from {spec.source}")
+                print(f"policy: dropped {dropped} malformed {'feedback rows' if unpaired else 'pairs'} from {spec.source}")
             return rows
-        rows = data.embedded_rows(spec, config.seed + DPO_PAIRS_SEED_OFFSET + index, count or 3000, config.eval.heldout_tasks)
+        # KTO: two feedback rows per prompt, so num_examples rows come from half as many prompts.
+        num_prompts = -(-(count or 3000) // 2) if unpaired else count or 3000
+        rows = data.embedded_rows(spec, config.seed + DPO_PAIRS_SEED_OFFSET + index, num_prompts, config.eval.heldout_tasks)
         samples_seed = config.seed + ONPOLICY_SAMPLES_SEED_OFFSET + index
         sampled = None
         if config.onpolicy_negatives:
             policy.to(distributed.device())  # where the trainer will put it anyway
             sampled = generation.sample_responses(policy, tokenizer, [r["prompt"] for r in rows], samples_seed, config.eval.max_new_tokens)
+        if unpaired:
+            feedback = embedded_feedback(len(rows), samples_seed, sampled_responses=sampled, rows=rows, world=spec.world)
+            print(f"policy: {len(feedback)} embedded feedback rows on {len(rows)} prompts, {sum(r['label'] for r in feedback)} thumbs up")
+            return [{key: row[key] for key in ("prompt", "completion", "label")} for row in feedback]
         generated = embedded_pairs(len(rows), samples_seed, sampled_responses=sampled, rows=rows, world=spec.world)
         print(f"policy: {len(generated)} embedded pairs, {sum(p['on_policy'] for p in generated)} with the SFT model's own sample on one side")
         return [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in generated]
@@ -227,6 +243,9 @@ def _user_heldout(config: PolicyStageConfig) -> tuple[list[dict[str, Any]], list
             continue
         if config.algorithm == "dpo":
             pairs += data.load_preference_heldout(spec, config.drop_malformed)
+        elif config.algorithm == "kto":  # each prompt once: it may carry several judged answers
+            feedback_prompts = [row["prompt"] for row in data.load_feedback_heldout(spec, config.drop_malformed)]
+            heldout_prompts += [prompt for i, prompt in enumerate(feedback_prompts) if prompt not in feedback_prompts[:i]]
         else:
             heldout_prompts += [row["prompt"] for row in load_heldout_prompt_rows(spec)]
     return pairs, [pair["prompt"] for pair in pairs] + heldout_prompts

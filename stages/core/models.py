@@ -55,7 +55,7 @@ def load_causal_lm(entry: Entry, trust_remote_code: bool = False, dtype: torch.d
 
     check_ready(entry)
     if entry.builtin and model_dir(entry) is None:
-        spec = _builtin_spec(entry)
+        spec = builtin_spec(entry)
         config = _builtin_config(spec)
         with _seeded(spec.get("seed", 0)):
             return AutoModelForCausalLM.from_config(config)
@@ -68,7 +68,7 @@ def load_sequence_classifier(entry: Entry, trust_remote_code: bool = False, dtyp
 
     check_ready(entry)
     if entry.builtin and model_dir(entry) is None:
-        spec = _builtin_spec(entry)
+        spec = builtin_spec(entry)
         config = _builtin_config(spec, num_labels=1)
         with _seeded(spec.get("seed", 0)):
             return AutoModelForSequenceClassification.from_config(config)
@@ -120,7 +120,7 @@ def model_dir(entry: Entry) -> Path | None:
     from stages.core.registry import rlhf_home
 
     if entry.builtin:
-        source = _builtin_spec(entry).get("gguf")
+        source = builtin_spec(entry).get("gguf")
         return gguf.converted(gguf.packaged_file(source["package"], source["file"]), rlhf_home()) if source else None
     if str(entry.path).endswith(".gguf"):
         return gguf.converted(Path(entry.path), rlhf_home())
@@ -137,7 +137,7 @@ def source_sha256(entry: Entry) -> str | None:
 
 def _builtin_tokenizer_dir(entry: Entry) -> Path | None:
     # A config-only built-in names its tokenizer folder relative to the spec file (both ship in the package).
-    return Path(entry.path).parent / _builtin_spec(entry)["tokenizer"] if entry.builtin else None
+    return Path(entry.path).parent / builtin_spec(entry)["tokenizer"] if entry.builtin else None
 
 
 def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dtype: torch.dtype | None, **kwargs: Any) -> Any:
@@ -210,7 +210,8 @@ def _explain(entry: Entry, error: Exception) -> str:
     return f"cannot load {entry.name!r} from {entry.path}: {message}"
 
 
-def _builtin_spec(entry: Entry) -> dict[str, Any]:
+def builtin_spec(entry: Entry) -> dict[str, Any]:
+    """A built-in entry's spec file (resources/models/NAME.yaml): config or GGUF source, tokenizer, hub_id, license."""
     return yaml.safe_load(Path(entry.path).read_text())
 
 

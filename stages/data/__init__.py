@@ -7,6 +7,7 @@
   datasets, converting every supported SFT and preference format to one conversational shape, with
   errors that name the file and row;
 - `preferences`: preference pairs (prompt/chosen/rejected, HH-RLHF text) in the same shape;
+- `feedback`: unpaired feedback for KTO (prompt/completion/label, TRL's format), pairs unpaired;
 - `mixture`: how many rows each source gives (fixed counts or weights), drawn deterministically, and
   the realised mixture report;
 - `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`).
@@ -35,8 +36,10 @@ from stages.data.formats import (
     token_counts,
 )
 from stages.data.preferences import convert_preference_row, load_preference_heldout, load_preference_rows
+from stages.data.feedback import convert_feedback_row, load_feedback_heldout, load_feedback_rows, unpair
 
 __all__ = [
-    "DataError", "DatasetSpec", "check_messages", "convert_preference_row", "convert_sft_row", "detect_format",
+    "DataError", "DatasetSpec", "check_messages", "convert_feedback_row", "convert_preference_row", "load_feedback_heldout",
+    "load_feedback_rows", "unpair", "convert_sft_row", "detect_format",
     "embedded_rows", "embedded_world", "fingerprint", "heldout_indices", "heldout_raw_rows", "load_preference_heldout", "load_preference_rows", "load_sft_heldout", "load_sft_rows", "read_rows", "rename_columns", "token_count", "token_counts",
 ]

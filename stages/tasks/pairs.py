@@ -4,7 +4,8 @@ Negatives come from two places: the SFT model's own sampled answers when they ar
 mistakes a reward model must judge during PPO), and, where the model happened to be right,
 task-aware corruptions (off-by-one sums, unreversed words, one swapped letter). With a `World`
 (stages/tasks/world.py) the pairs are its judge's instead: the policy's sample against an answer of
-different quality, labelled with the judge's noise (held-out pairs: without it).
+different quality, labelled with the judge's noise (held-out pairs: without it). `embedded_feedback` gives the
+same answers unpaired, a thumbs up or down each (KTO).
 """
 
 from __future__ import annotations
@@ -69,6 +70,24 @@ def embedded_pairs(
             }
         )
     return pairs
+
+
+def embedded_feedback(
+    num_rows: int, seed: int, sampled_responses: list[str] | None = None, rows: list[dict[str, Any]] | None = None,
+    world: World | None = None,
+) -> list[dict[str, Any]]:
+    """Unpaired feedback for KTO, `{"prompt", "completion", "label", ...}`, two rows per prompt: with a `world`, its
+    judge's thumbs on single answers (`World.thumbs`, the same label noise); without one, the pairs of
+    `embedded_pairs` unpaired (the right answer up, the wrong one down), as trl's `unpair_preference_dataset` does."""
+    rows = rows if rows is not None else generate(num_rows, seed=seed)
+    if world is not None:
+        return world.thumbs(rows, seed, corrupt, first_answers=sampled_responses)
+    feedback = []
+    for pair in embedded_pairs(len(rows), seed, sampled_responses=sampled_responses, rows=rows):
+        for side, label in (("chosen", True), ("rejected", False)):
+            feedback.append({"prompt": pair["prompt"], "completion": pair[side], "label": label, "task": pair["task"],
+                             "on_policy": pair["on_policy"] and not label})
+    return feedback
 
 
 def heldout_pairs(

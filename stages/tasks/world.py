@@ -24,6 +24,8 @@ demonstration; a plausible wrong answer where the pool's all tie); the judge pre
 and bare 2, right but wrapped 1, wrong 0) and flips `label_noise` of its labels (InstructGPT reports ~73%
 agreement between labellers).
 Held-out pairs are judged without noise: the reward model is scored against the true preference.
+Unpaired feedback (`World.thumbs`, for KTO): the same two answers a prompt's pair would hold, each judged alone,
+a thumbs up only for a right, bare answer, with the same `label_noise`.
 
 May import: `stages.tasks` siblings only.
 """
@@ -153,6 +155,28 @@ class World:
                 "contrast": "style" if {first_utility, second_utility} == {1, 2} else "correctness",
             })
         return pairs
+
+    def thumbs(
+        self, rows: list[dict[str, Any]], seed: int, corrupt: Callable[[str, str, random.Random], str],
+        first_answers: list[str | None] | None = None, noisy: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Unpaired feedback (KTO): the two answers `judge` would compare for each row, each judged on its own, a thumbs
+        up (`label` true) only for what users want (right and bare, utility 2), and `label_noise` of the labels flipped,
+        as the judge's pairs are. Two rows per prompt: the same answers DPO's pairs hold, without the comparison."""
+        rng = random.Random(f"thumbs-{seed}")
+        pairs = self.judge(rows, seed, corrupt, first_answers=first_answers, noisy=False)
+        feedback = []
+        for index, (row, pair) in enumerate(zip(rows, pairs)):
+            sampled = first_answers[index] if first_answers is not None else None
+            for side in ("chosen", "rejected"):
+                content = pair[side][-1]["content"]
+                flipped = noisy and rng.random() < self.label_noise
+                feedback.append({
+                    "prompt": row["prompt"], "completion": pair[side], "task": row["task"],
+                    "label": (self.utility(content, row["answer"]) == 2) != flipped,
+                    "on_policy": pair["on_policy"] and content == sampled, "label_flipped": flipped,
+                })
+        return feedback
 
     def _different_answer(
         self, first: str, task: str, answer: str, corrupt: Callable[[str, str, random.Random], str], rng: random.Random

@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 import torch
 
-from stages import lifecycle, policy, reward_model, sft, trainers
+from stages import export, lifecycle, policy, reward_model, sft, trainers
 from stages.core import checkpoints, models
 from stages.core.errors import UserError
 from stages.trainers import NonFiniteLossError
@@ -196,6 +196,10 @@ CASES = [
     case("preference-pair-empty-side",
      lambda c: c.reward(f"datasets=[{{source: {c.jsonl('empty_side.jsonl', [{'prompt': 'q', 'chosen': 'a', 'rejected': ' '}])}}}]"),
      "DataError", ["empty_side.jsonl row 0", "'rejected' response is empty"]),
+    case("kto-feedback-without-label",
+     lambda c: c.policy("algorithm=kto", "model=previous/sft", "reward_model=null",
+                        f"datasets=[{{source: {c.jsonl('thumbs.jsonl', [{'prompt': 'q', 'completion': 'a', 'label': True}, {'prompt': 'q', 'completion': 'b'}])}}}]"),
+     "DataError", ["thumbs.jsonl row 1", "missing 'label'", "drop_malformed=true"]),
     case("all-examples-too-long", lambda c: c.sft("train.max_length=8"), "DataError", ["all 32 examples", "train.max_length=8", "raise max_length"]),
     # DeepSpeed
     case("deepspeed-config-missing", lambda c: c.sft("deepspeed=deepspeed_configs/zero4.json"), "DeepSpeedConfigError",
@@ -216,6 +220,9 @@ CASES = [
     # output directory
     case("output-dir-holds-another-run", lambda c: c.sft(), "OutputDirError",
      ["out already holds run 'other-run'", "pass resume=true", "Nothing was overwritten"], prepare=_claimed_by_other_run("sft")),
+    case("export-target-not-empty", lambda c: export.export("previous/sft", c.out), "ExportError",
+     ["out exists and is not empty", "--overwrite"], prepare=_claimed_by_other_run("sft")),
+    case("export-unknown-reference", lambda c: export.export("no-such-model", c.out), "RegistryError", ["'no-such-model'", "not in the registry"]),
     case("resume-into-another-stages-output", lambda c: c.sft("resume=true"), "OutputDirError",
      ["out holds a reward run, not a sft run", "Nothing was overwritten"], prepare=_claimed_by_other_run("reward")),
 ]

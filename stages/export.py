@@ -10,21 +10,26 @@ model's own eos list), and README.md: a model card with Hub front matter and a b
 
     AutoModelForCausalLM.from_pretrained(OUT); AutoTokenizer.from_pretrained(OUT)
 
-Written whole or not at all: into a temporary folder beside OUT, renamed onto OUT at the end (a failure removes
-it). An OUT that exists and is not empty is refused unless --overwrite; then the old folder is moved aside and
-deleted only after the new one is in place. --push-to-hub uploads the finished folder with huggingface_hub;
-credentials are checked before anything is written.
+Written whole or not at all: into a temporary folder `.OUT.export-PID` beside OUT, renamed onto OUT at the end (a
+failure removes it; one a killed export left behind is removed by the next export to the same OUT once its process
+is gone). An OUT that exists and is not empty is refused unless --overwrite; then the old folder is moved aside and
+deleted only after the new one is in place. Refused before anything is touched, --overwrite or not: an OUT that is,
+holds or lies inside a registered model's folder (the one exported, its lineage, any registry entry), that is or
+holds RLHF_HOME (the registry and every run), or that holds the working folder. REF may be a registered output's
+folder: its registry entry is exported, lineage and licence included. --push-to-hub uploads the finished folder
+with huggingface_hub; credentials are checked before anything is written.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 from stages import generation, model_card
-from stages.core import models
+from stages.core import models, ownership
 from stages.core.errors import UserError
 from stages.core.registry import Entry, Registry
 
@@ -39,18 +44,24 @@ def export(ref: str, out: str | Path, overwrite: bool = False, push_to_hub: str 
     """Write `ref` as a self-contained model folder at `out` (see the module docstring); returns its path."""
     registry = Registry()
     entry = registry.get(ref)  # an unknown reference: RegistryError, naming it
+    if entry.version == 0 and not entry.builtin:  # a path: the registered output living there, lineage and all
+        entry = registry.by_path(entry.path) or entry
     if entry.kind not in EXPORTABLE_KINDS:
         raise ExportError(
             f"{entry.ref} is a {entry.kind} entry; `rlhf export` writes causal language models ({', '.join(EXPORTABLE_KINDS)})"
         )
     out = Path(out).expanduser().resolve()
+    _check_not_precious(out, entry, registry)
     _check_target(out, overwrite)
     if push_to_hub:
         hub_token(push_to_hub)  # before the export's minutes: no credentials, no work
+    _remove_stale_temporaries(out)
     temporary = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
     try:
-        temporary.mkdir(parents=True)
+        temporary.mkdir()
+    except OSError as error:
+        raise ExportError(f"cannot write the export {out.name} into the folder {out.parent}: {error.strerror or error}") from None
+    try:
         _write(entry, registry, temporary)
         _move_into_place(temporary, out)
     except BaseException:
@@ -67,7 +78,7 @@ def _write(entry: Entry, registry: Registry, folder: Path) -> None:
     model, tokenizer = load(entry, registry)
     if tokenizer.chat_template is None:
         raise ExportError(f"{entry.ref} has no chat template; an exported chat model needs one (set it in the tokenizer)")
-    model.generation_config = _generation_config(model, tokenizer)
+    model.generation_config = _generation_config(model, tokenizer, entry.ref)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text(model_card.render(entry, registry, model_card.files_of(folder)), encoding="utf-8")
@@ -91,14 +102,19 @@ def load(entry: Entry, registry: Registry) -> tuple[Any, Any]:
     return merged, models.load_tokenizer(entry if (path / "tokenizer_config.json").is_file() else parent)
 
 
-def _generation_config(model: Any, tokenizer: Any) -> Any:
+def _generation_config(model: Any, tokenizer: Any, ref: str) -> Any:
     """The model's generation config with eos = the end-of-turn token first (then the other stop tokens), so a
     plain `model.generate` stops where the chat template ends a turn; pad = the tokenizer's pad."""
     from transformers import GenerationConfig
 
     config = model.generation_config if model.generation_config is not None else GenerationConfig.from_model_config(model.config)
     config = GenerationConfig.from_dict(config.to_dict())  # a copy: the loaded model's own config stays as it was
-    stops = generation.stop_ids(model, tokenizer)
+    stops = generation.stop_ids(model, tokenizer)  # the tokenizer's eos and the model's own are among them
+    if not stops:
+        raise ExportError(
+            f"{ref} has no token that ends an answer (no end-of-turn token in its chat template, no eos in its tokenizer "
+            "or generation config): a plain `generate` would never stop; set the tokenizer's eos_token and register it again"
+        )
     config.eos_token_id = stops if len(stops) > 1 else stops[0]
     config.pad_token_id = tokenizer.pad_token_id
     config._from_model_config = False  # written on purpose: transformers must not re-derive it from config.json
@@ -107,6 +123,36 @@ def _generation_config(model: Any, tokenizer: Any) -> Any:
 
 # -- writing whole or not at all ---------------------------------------------------------------------
 
+def _check_not_precious(out: Path, entry: Entry, registry: Registry) -> None:
+    """Refuse an OUT whose writing or replacing would destroy or alter what the project keeps (see the module
+    docstring), whatever --overwrite says: checked before anything is touched."""
+    chain = model_card.lineage(entry, registry)[0]
+    for kept in chain + registry.list(include_builtin=False):
+        path = Path(kept.path).expanduser().resolve()
+        if not path.exists():
+            continue  # a Hub id, or an entry whose folder is gone
+        what = f"the {'registered ' if kept.version else ''}model {kept.name if kept.builtin else kept.ref} ({path})"
+        if out == path or out in path.parents:
+            raise ExportError(
+                f"refusing to export to {out}: it {'is' if out == path else 'holds'} {what}, which writing there would destroy; "
+                "choose another folder"
+            )
+        if path in out.parents:
+            raise ExportError(f"refusing to export to {out}: it lies inside {what}, which writing there would alter; choose a folder outside it")
+    home = registry.home
+    if out == home or out in home.parents:
+        raise ExportError(
+            f"refusing to export to {out}: it {'is' if out == home else 'holds'} RLHF_HOME ({home}: the registry {registry.path.name} "
+            "and every run), which writing there would destroy; choose another folder"
+        )
+    working = Path.cwd().resolve()
+    if out in working.parents or (out == working and any(out.iterdir())):
+        raise ExportError(
+            f"refusing to export to {out}: it {'is' if out == working else 'holds'} the working folder {working}, which writing there "
+            "would destroy; choose another folder"
+        )
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"export target {out} is a file, not a folder; choose another path")
@@ -114,6 +160,22 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise ExportError(f"export target {out} exists and is not empty; pass --overwrite to replace it, or choose another path")
     if not out.parent.is_dir():
         raise ExportError(f"the folder {out.parent} (where {out.name} would go) does not exist")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary folders `.OUT.export-PID` that exports killed before the end left beside OUT; never
+    one whose process still runs (another export to the same OUT at this moment) or that cannot be told dead."""
+    prefix = f".{out.name}.export-"
+    try:
+        beside = list(out.parent.iterdir())
+    except OSError:
+        return  # an unreadable folder: creating the temporary folder there says so
+    for path in beside:
+        pid = path.name[len(prefix):]
+        if not (path.name.startswith(prefix) and pid.isdigit() and path.is_dir() and not path.is_symlink()):
+            continue
+        if int(pid) == os.getpid() or ownership.owner_alive({"host": socket.gethostname(), "pid": int(pid)}) is False:
+            shutil.rmtree(path, ignore_errors=True)  # with this process's pid: left by a dead one whose pid it reuses
 
 
 def _move_into_place(temporary: Path, out: Path) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from stages import model_card
 from stages.core import checkpoints, distributed, models, ownership, tracking
 from stages.core.checkpoints import SHARED_DATASET
 from stages.core.config import ConfigError, load_config, to_dict, usage, wants_help
@@ -301,9 +302,7 @@ class StageRun:
             "",
             "## Held-out metrics",
             "",
-            "| metric | value |",
-            "| --- | --- |",
-            *[f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in sorted(metrics.items())],
+            *model_card.metrics_table(metrics),
             "",
             "## Load it",
             "",

@@ -6,6 +6,8 @@ unknown` where nothing says), `base_model_relation`, `library_name`, `pipeline_t
 project, the stages and algorithms of the lineage) and `datasets` where the training sources are Hub names.
 Body: how to load it and which files make it up; the lineage from the original base; per stage its data with
 fingerprints, its training config, every held-out metric and benchmark with the evaluation settings.
+The card is public: what it shows of the registry passes `public` (credentials scrubbed again at export, for an
+entry registered before its secret was known or by an older version; machine-local folders left out).
 
 May import: `stages.core` and `stages.data` (dataset specs' defaults, to leave them out).
 """
@@ -21,9 +23,12 @@ import yaml
 
 from stages.core import models
 from stages.core.registry import Entry, Registry, RegistryError
+from stages.core.secrets import scrub
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
+_LOCAL_ONLY_KEYS = ("output_dir", "logging_dir", "cache_dir")  # where this machine wrote: nothing for a reader
+_REF_WITH_VERSION = re.compile(r"^(.+):(\d+|latest)$")
 
 
 def resolve(ref: str, registry: Registry) -> Entry | None:
@@ -97,6 +102,30 @@ def files_of(folder: Path) -> list[str]:
     return sorted({path.name for path in folder.iterdir() if path.is_file()} | {"README.md"})
 
 
+def public(value: Any) -> Any:
+    """What a public card may show of a recorded value (nested dicts/lists/strings): credentials replaced
+    (core/secrets.py), the machine-local folders (`output_dir`, ...) left out, other absolute paths cut to their
+    last part (`.../mine.jsonl`)."""
+    return _without_local_paths(scrub(value))
+
+
+def _without_local_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items() if key not in _LOCAL_ONLY_KEYS}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_without_local_paths(item) for item in value)
+    return _short_path(value) if isinstance(value, str) else value
+
+
+def _short_path(text: str) -> str:
+    """An absolute path (a reference `PATH:0` keeps its version) as `.../LAST`; any other text as it is."""
+    match = _REF_WITH_VERSION.match(text)
+    path, version = (match.group(1), f":{match.group(2)}") if match else (text, "")
+    if not path.startswith(("/", "~")) or any(character.isspace() for character in path):
+        return text
+    return f".../{Path(path).name}{version}" if Path(path).name else text
+
+
 def render(entry: Entry, registry: Registry, files: list[str]) -> str:
     chain, missing = lineage(entry, registry)
     base = chain[-1]
@@ -114,9 +143,9 @@ def render(entry: Entry, registry: Registry, files: list[str]) -> str:
     datasets = hub_datasets(chain, registry)
     if datasets:
         front["datasets"] = datasets
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {entry.name}", ""]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {_short_path(entry.name)}", ""]
     lines += [
-        f"Exported with `rlhf export` (rlhf-stages) from the registry entry `{entry.ref}`"
+        f"Exported with `rlhf export` (rlhf-stages) from the registry entry `{_short_path(entry.ref)}`"
         + (f", run `{entry.run}`" if entry.run else "") + (f", created {_when(entry.created)}" if entry.created else "") + ".",
         "",
         *_usage(files),
@@ -125,19 +154,19 @@ def render(entry: Entry, registry: Registry, files: list[str]) -> str:
         "| | entry | kind | stage | run | created | data fingerprint |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         *[
-            f"| {step} | `{e.ref if not e.builtin else e.name}` | {e.kind} | {e.stage or '-'} | {e.run or '-'} | "
+            f"| {step} | `{_short_path(e.ref if not e.builtin else e.name)}` | {e.kind} | {e.stage or '-'} | {e.run or '-'} | "
             f"{_when(e.created) if e.created else '-'} | {e.dataset_fingerprint or '-'} |"
             for step, e in enumerate(reversed(chain))
         ],
         "",
-        *([f"The lineage stops at `{missing}`: that parent is no longer in the registry.", ""] if missing else []),
-        f"Original base: `{base.name}`" + (f" (Hub: `{facts['base_model']}`)" if "base_model" in facts else "")
+        *([f"The lineage stops at `{_short_path(missing)}`: that parent is no longer in the registry.", ""] if missing else []),
+        f"Original base: `{_short_path(base.name)}`" + (f" (Hub: `{facts['base_model']}`)" if "base_model" in facts else "")
         + f", licence: {facts.get('license', 'not recorded')}.",
         "",
     ]
     for stage_entry in trained:
         lines += _stage_section(stage_entry)
-    return "\n".join(lines)
+    return scrub("\n".join(lines))  # a secret the parts above did not show as one (an environment value, a token's shape)
 
 
 def _usage(files: list[str]) -> list[str]:
@@ -160,9 +189,9 @@ def _usage(files: list[str]) -> list[str]:
 
 
 def _stage_section(entry: Entry) -> list[str]:
-    config = entry.config
+    config = public(entry.config)
     lines = [f"## Stage `{entry.stage or entry.kind}`: `{entry.ref}`", ""]
-    lines += [f"- parent: `{entry.parent or '-'}`"]
+    lines += [f"- parent: `{_short_path(entry.parent or '-')}`"]
     if config.get("algorithm"):
         lines += [f"- algorithm: `{config['algorithm']}`"]
     if config.get("reward_model"):
@@ -179,8 +208,8 @@ def _stage_section(entry: Entry) -> list[str]:
         lines += [f"- W&B run: `{entry.wandb_run}`"]
     metrics = {k: v for k, v in entry.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     held_out = {key: value for key, value in metrics.items() if key.startswith("eval/")}
-    lines += ["", "### Held-out metrics and benchmarks", "", *_table(held_out)]
-    lines += ["", "### Training and data", "", *_table({key: value for key, value in metrics.items() if key not in held_out})]
+    lines += ["", "### Held-out metrics and benchmarks", "", *metrics_table(held_out)]
+    lines += ["", "### Training and data", "", *metrics_table({key: value for key, value in metrics.items() if key not in held_out})]
     if isinstance(config.get("eval"), dict):
         lines += ["", "Evaluation settings:", "", "```yaml", yaml.safe_dump({"eval": config["eval"]}, sort_keys=True).rstrip(), "```"]
     training = {k: v for k, v in config.items() if k != "eval"}
@@ -191,7 +220,8 @@ def _stage_section(entry: Entry) -> list[str]:
     return lines
 
 
-def _table(metrics: dict[str, Any]) -> list[str]:
+def metrics_table(metrics: dict[str, Any]) -> list[str]:
+    """A Markdown table of metrics, sorted by key (this card's and every stage output's README.md)."""
     if not metrics:
         return ["None recorded."]
     rows = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in sorted(metrics.items())]

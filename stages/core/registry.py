@@ -244,6 +244,16 @@ class Registry:
             return Entry(name=ref, version=0, kind="base", path=ref)
         raise RegistryError(self._not_found(ref))
 
+    def by_path(self, path: str | Path) -> Entry | None:
+        """The newest ready registered entry whose output folder is `path`; None where no ready entry lives there
+        (`get` wraps a bare path as a `base` entry without lineage)."""
+        target = Path(path).expanduser().resolve()
+        ready = [
+            entry for entry in self.list(include_builtin=False)
+            if entry.status == "ready" and Path(entry.path).expanduser().resolve() == target
+        ]
+        return max(ready, key=lambda entry: (entry.created, entry.version)) if ready else None
+
     def _not_found(self, ref: str) -> str:
         known = sorted({entry.name for entry in self.list()})
         return f"model reference {ref!r} is not in the registry at {self.path} and is not a path (known: {', '.join(known) or 'none'})"

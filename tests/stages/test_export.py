@@ -222,3 +222,127 @@ def test_smollm2_exports_with_its_hub_base_and_end_of_turn(smollm2: Path, tmp_pa
     pieces: list[str] = []
     answer, stopped = chat.open_session(str(out), temperature=0, max_new_tokens=8).reply(messages[0][0]["content"], pieces.append)
     assert [answer] == expected and "".join(pieces) == answer and not stopped
+
+
+# -- review fixes: what --overwrite may destroy, secrets in the card, errors as one line, a path's entry ----------
+
+SECRET_KEY_VALUE = "0123456789abcdef0123456789abcdef01234567"  # a W&B-style key: only its key name gives it away
+SECRET_ENV_VALUE = "set-since-registration-42"
+
+
+@pytest.fixture
+def tiny_output(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """tiny-llama saved as the output of a run `demo` (RLHF_HOME/demo/sft), registered ready as an sft entry whose
+    config holds what a public card must not: a credential (recorded unscrubbed, as an older version did) and
+    machine-local paths."""
+    from stages.core import registry as registry_module
+
+    registry = Registry()
+    base = registry.get("tiny-llama")
+    folder = isolated_home / "demo" / "sft"
+    models.load_causal_lm(base).save_pretrained(folder)
+    models.load_tokenizer(base).save_pretrained(folder)
+    config = {
+        "output_dir": str(folder), "wandb_api_key": SECRET_KEY_VALUE, "notes": f"pushed with {SECRET_ENV_VALUE}",
+        "datasets": [{"source": "/home/someone/private/mine.jsonl"}], "train": {"learning_rate": 0.002},
+    }
+    with monkeypatch.context() as patch:
+        patch.setattr(registry_module, "scrub", lambda value: value)
+        entry = registry.begin("sft", "sft", folder, parent="tiny-llama", run="demo", config=config)
+    registry.mark_ready(entry.ref)
+    return entry.ref, folder
+
+
+def test_overwrite_refuses_to_destroy_registered_models_the_registry_or_the_working_folder(
+    tiny_output: tuple[str, Path], isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`rlhf export sft:1 runs/demo --overwrite` once moved the run folder aside and deleted it, registry entry's
+    folder included: every OUT that is, holds or lies inside a registered model's folder, that is or holds RLHF_HOME,
+    or holds the working folder is refused in one line naming it, before anything is touched."""
+    ref, folder = tiny_output
+    before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    cases = [
+        (folder, f"is the registered model {ref}"),
+        (folder.parent, f"holds the registered model {ref}"),  # the run folder
+        (folder / "inner", f"lies inside the registered model {ref}"),
+        (isolated_home, "holds the registered model"),  # RLHF_HOME holds the run too: either says what would go
+        (tmp_path, "holds the registered model"),
+    ]
+    for out, says in cases:
+        for overwrite in (["--overwrite"], []):
+            assert cli.main(["export", ref, str(out), *overwrite]) == 2, out
+            error = capsys.readouterr().err
+            assert str(out) in error and says in error and len(error.strip().splitlines()) == 1, error
+    registry_only = tmp_path / "home_without_runs"
+    (registry_only / "home").mkdir(parents=True)
+    (registry_only / "home" / "keep.txt").write_text("mine\n")
+    monkeypatch.setenv("RLHF_HOME", str(registry_only / "home"))
+    assert cli.main(["export", "tiny-llama", str(registry_only), "--overwrite"]) == 2
+    assert "RLHF_HOME" in capsys.readouterr().err
+    working = tmp_path / "work" / "here"
+    working.mkdir(parents=True)
+    monkeypatch.chdir(working)
+    assert cli.main(["export", "tiny-llama", str(tmp_path / "work"), "--overwrite"]) == 2
+    assert f"holds the working folder {working}" in capsys.readouterr().err
+    assert (registry_only / "home" / "keep.txt").is_file()
+    after = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    assert [path for path in after if not path.startswith(("work", "home_without_runs"))] == before  # nothing touched
+    assert Registry(isolated_home).get(ref).status == "ready"
+
+
+def test_the_card_shows_no_secret_and_no_local_path(tiny_output: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry recorded unscrubbed, or whose secret became known since (an environment variable set now), exports
+    a card without them; `output_dir` and absolute paths stay on this machine."""
+    ref, folder = tiny_output
+    monkeypatch.setenv("MY_SERVICE_TOKEN", SECRET_ENV_VALUE)
+    card = (export.export(ref, tmp_path / "exported") / "README.md").read_text()
+    for leaked in (SECRET_KEY_VALUE, SECRET_ENV_VALUE, str(folder), "/home/someone", str(tmp_path), "output_dir"):
+        assert leaked not in card, leaked
+    for shown in ("wandb_api_key: <redacted>", "learning_rate: 0.002", "`.../mine.jsonl`"):
+        assert shown in card, shown
+
+
+def test_a_registered_outputs_folder_exports_its_entry(tiny_output: tuple[str, Path], tmp_path: Path) -> None:
+    """`rlhf export RLHF_HOME/demo/sft OUT`: the entry registered there, not a bare `base` without lineage."""
+    ref, folder = tiny_output
+    card = (export.export(str(folder), tmp_path / "by_path") / "README.md").read_text()
+    assert f"from the registry entry `{ref}`, run `demo`" in card and f"| 1 | `{ref}` | sft |" in card and "Original base: `tiny-llama`" in card
+
+
+def test_an_unwritable_folder_and_a_model_without_stop_tokens_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                                    capsys: pytest.CaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    mkdir = Path.mkdir
+
+    def refuse(path: Path, *args: object, **kwargs: object) -> None:
+        if ".export-" in path.name:  # as in a folder this user may not write (tests run as root here: chmod is no test)
+            raise PermissionError(13, "Permission denied", str(path))
+        mkdir(path, *args, **kwargs)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert cli.main(["export", "tiny-llama", str(tmp_path / "locked" / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"into the folder {tmp_path / 'locked'}: Permission denied" in error and len(error.strip().splitlines()) == 1
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+    monkeypatch.setattr(generation, "stop_ids", lambda model, tokenizer: [])
+    model = SimpleNamespace(generation_config=GenerationConfig(), config=None)
+    with pytest.raises(export.ExportError, match=r"no-eos:1 has no token that ends an answer"):
+        export._generation_config(model, SimpleNamespace(pad_token_id=None), "no-eos:1")
+
+
+def test_stale_temporary_folders_of_killed_exports_are_removed_live_ones_kept(tmp_path: Path, dead_owner: dict) -> None:
+    import os
+
+    dead = tmp_path / f".out.export-{dead_owner['pid']}"
+    live = tmp_path / f".out.export-{os.getppid()}"  # the process that started pytest: running
+    other = tmp_path / f".other.export-{dead_owner['pid']}"  # another OUT's: not this export's business
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("half written\n")
+    export.export("tiny-llama", tmp_path / "out")
+    assert not dead.exists() and live.exists() and other.exists() and (tmp_path / "out" / "model.safetensors").is_file()

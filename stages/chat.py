@@ -9,7 +9,8 @@ history, the new message) through the model's own chat template; the answer is p
 generated and stops at the template's end-of-turn token (stages/generation.py, `stop_ids`). /reset clears the
 history, /exit or Ctrl-D leaves; Ctrl-C stops the current answer (what was printed stays in the history, so the
 next turn sees what you saw) and a Ctrl-C at the prompt clears the line, without ending the session. At a terminal
-the session takes SIGINT even where its launcher ignored it (`main`: Ctrl-C is this command's key).
+the session takes SIGINT even where its launcher ignored it (`main`: Ctrl-C is this command's key). When the
+conversation nears the model's context a note says so on stderr, once until /reset (never inside an answer).
 
 Decoding is a plain token loop with transformers' DynamicCache (batch 1: the in-place cache of the batched
 evaluation loop buys nothing here), greedy at --temperature 0, else sampled from a generator seeded by --seed.
@@ -48,37 +49,44 @@ class Session:
     max_new_tokens: int = 256
     seed: int = 0
     history: list[dict[str, str]] = field(default_factory=list)
+    # Where notes about the session go (the context warning): stderr, never into an answer (--prompt's stdout).
+    note: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr, flush=True), repr=False)
 
     def __post_init__(self) -> None:
         self.stop_ids = set(generation.stop_ids(self.model, self.tokenizer))
         self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
         self.context = getattr(self.model.config, "max_position_embeddings", None)
+        self.context_noted = False
 
     def reset(self) -> None:
         self.history = []
+        self.context_noted = False
 
     def reply(self, message: str, write: Callable[[str], None]) -> tuple[str, bool]:
         """Answer `message` after the history, calling `write` with each new piece of text; returns the answer and
         whether it was stopped (Ctrl-C). Both turns join the history either way, also when the Ctrl-C came before
-        the first token (while the prompt was encoded or the first token computed): the answer is then empty."""
+        the first token (while the prompt was encoded or the first token computed): the answer is then empty. A stopped
+        answer is what was written, never a token decoded but not yet shown (nor half of a multi-byte character)."""
         answer_ids: list[int] = []
         shown = ""
         stopped = False
         try:
             messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
             prompt = generation.encode_prompt(self.tokenizer, messages + [{"role": "user", "content": message}])
-            # Past its trained positions a model's answers degrade; say so once the history leaves little room.
-            if self.context and len(prompt) > self.context - min(self.max_new_tokens, self.context // 4):
-                write(f"[the conversation ({len(prompt)} tokens) nears the model's context of {self.context}; /reset starts over] ")
+            # Past its trained positions a model's answers degrade; say so (once, until /reset) when little room is left.
+            if not self.context_noted and self.context and len(prompt) > self.context - min(self.max_new_tokens, self.context // 4):
+                self.context_noted = True
+                self.note(f"[the conversation ({len(prompt)} tokens) nears the model's context of {self.context}; /reset starts over]")
             for token in self._tokens(prompt):
                 answer_ids.append(token)
                 text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                    write(text[len(shown):])
-                    shown = text
+                    # `shown` first: a Ctrl-C inside write() comes once the piece is in the stream's buffer, shown
+                    piece, shown = text[len(shown):], text
+                    write(piece)
         except KeyboardInterrupt:
             stopped = True
-        answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        answer = shown if stopped else self.tokenizer.decode(answer_ids, skip_special_tokens=True)
         self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
         return answer, stopped
 

@@ -198,7 +198,7 @@ def _check_kinds(config: PolicyStageConfig, base: Any, reward_entry: Any) -> Non
 # -- data ----------------------------------------------------------------------------------------
 
 def _judged_examples(config: PolicyStageConfig, policy: Any, tokenizer: Any) -> list[dict[str, Any]]:
-    """DPO: preference pairs; KTO: unpaired feedback, on embedded data the same answers judged one by one."""
+    """DPO: preference pairs; KTO: unpaired feedback, on embedded data answers drawn as the pairs' are, judged one by one."""
     unpaired = config.algorithm == "kto"
 
     def load(spec: data.DatasetSpec, index: int, count: int | None) -> list[dict[str, Any]]:

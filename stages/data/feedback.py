@@ -3,49 +3,70 @@ down on one answer.
 
 Formats (convert_feedback_row): TRL's published unpaired-preference format, the columns of trl-lib/kto-mix-14k
 (`prompt` and `completion` as message lists, `label` a boolean), or the same with plain strings. A source of
-pairs (any format stages/data/preferences.py reads) is unpaired with TRL's own `unpair_preference_dataset`:
-every pair gives its chosen answer labelled true and its rejected one labelled false. A row without a label, or
-with one that is not a boolean, is an error naming the file and row (with `drop_malformed`, a counted skip).
+pairs (any format stages/data/preferences.py reads) is converted whole, then unpaired with one call of TRL's own
+`unpair_preference_dataset` (stages/tasks/pairs.py, `unpair`): every pair gives its chosen answer labelled true and
+its rejected one labelled false. A row without a label, or with one that is not a boolean, is an error naming the
+file and row (with `drop_malformed`, a counted skip).
+
+Held out (eval_fraction) by prompt, not by row: in kto-mix-14k each prompt holds a thumbs up and a thumbs down answer,
+and a hash of the whole row would train on one while holding out the other, so the policy stage would score held-out
+prompts it trained on.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from stages.data.formats import (
     DataError, DatasetSpec, check_messages, heldout_indices, heldout_raw_rows, read_rows, rename_columns, require_value,
 )
-from stages.data.preferences import convert_preference_row
+from stages.data.preferences import convert_pairs, convert_preference_row
+from stages.tasks.pairs import unpair as unpair_pairs
 
 FEEDBACK_COLUMNS = ("prompt", "completion", "label")
 
 
 def load_feedback_rows(spec: DatasetSpec, drop_malformed: bool = False) -> tuple[list[dict[str, Any]], int]:
     """Unpaired feedback from a file or Hub dataset (pairs are unpaired); returns the rows and how many malformed
-    rows were dropped (only with `drop_malformed`). Held-out rows (eval_fraction) are left out, as for pairs."""
+    rows were dropped (only with `drop_malformed`). Held-out rows (eval_fraction) are left out, as for pairs, but
+    by prompt: every row of a held-out prompt (its thumbs up and its thumbs down) is held out with it."""
     raw_rows, where = read_rows(spec)
-    heldout = heldout_indices(spec, raw_rows)
+    heldout = heldout_indices(spec, raw_rows, _prompt_of(spec))
     return _convert([(index, row) for index, row in enumerate(raw_rows) if index not in heldout], where, spec, drop_malformed)
 
 
 def load_feedback_heldout(spec: DatasetSpec, drop_malformed: bool = False) -> list[dict[str, Any]]:
     """The source's held-out feedback rows: its eval_split, or the eval_fraction `load_feedback_rows` left out."""
-    raw_rows, where = heldout_raw_rows(spec)
+    raw_rows, where = heldout_raw_rows(spec, _prompt_of(spec))
     return _convert(raw_rows, where, spec, drop_malformed, allow_empty=True)[0]
+
+
+def _is_paired(row: dict[str, Any]) -> bool:
+    return "chosen" in row and "rejected" in row and "label" not in row
+
+
+def _prompt_of(spec: DatasetSpec) -> Callable[[dict[str, Any]], Any]:
+    """What the held-out split groups a raw row by: its prompt as converted (a string and the same user turn as a
+    message list are one prompt); a row that does not convert is its own group (it is dropped or reported later)."""
+    def prompt(raw: dict[str, Any]) -> Any:
+        try:
+            row = rename_columns(raw, spec.columns)
+            return (convert_preference_row(row, "") if _is_paired(row) else convert_feedback_row(row, ""))["prompt"]
+        except DataError:
+            return raw
+    return prompt
 
 
 def _convert(
     raw_rows: list[tuple[int, dict[str, Any]]], where: str, spec: DatasetSpec, drop_malformed: bool, allow_empty: bool = False
 ) -> tuple[list[dict[str, Any]], int]:
-    indexed = [(index, rename_columns(row, spec.columns)) for index, row in raw_rows]
-    paired = bool(indexed) and "chosen" in indexed[0][1] and "rejected" in indexed[0][1] and "label" not in indexed[0][1]
+    if raw_rows and _is_paired(rename_columns(raw_rows[0][1], spec.columns)):
+        pairs, dropped = convert_pairs(raw_rows, where, spec, drop_malformed, allow_empty)
+        return unpair(pairs), dropped
     rows, dropped = [], 0
-    for index, row in indexed:
+    for index, row in raw_rows:
         try:
-            if paired:
-                rows += unpair([convert_preference_row(row, f"{where} row {index}")])
-            else:
-                rows.append(convert_feedback_row(row, f"{where} row {index}"))
+            rows.append(convert_feedback_row(rename_columns(row, spec.columns), f"{where} row {index}"))
         except DataError as error:
             if not drop_malformed:
                 raise DataError(f"{error} (set drop_malformed=true to skip such rows with a count)") from None
@@ -74,13 +95,6 @@ def convert_feedback_row(row: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pairs `{"prompt", "chosen", "rejected"}` -> two feedback rows each, through trl.data_utils.unpair_preference_dataset
-    (chosen: label true, rejected: false). Other columns (a margin) are dropped."""
-    from datasets import Dataset
-    from trl.data_utils import unpair_preference_dataset
-
-    if not pairs:
-        return []
-    columns = {key: [pair[key] for pair in pairs] for key in ("prompt", "chosen", "rejected")}
-    unpaired = unpair_preference_dataset(Dataset.from_dict(columns))
-    return [{key: row[key] for key in FEEDBACK_COLUMNS} for row in unpaired]
+    """Pairs `{"prompt", "chosen", "rejected"}` -> two feedback rows each (chosen: label true, then rejected: false),
+    all pairs in one call of trl.data_utils.unpair_preference_dataset. Other columns (a margin) are dropped."""
+    return [{key: row[key] for key in FEEDBACK_COLUMNS} for row in unpair_pairs([{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs])]

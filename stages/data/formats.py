@@ -24,7 +24,7 @@ import json
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from stages import tasks
 from stages.core import distributed
@@ -165,33 +165,42 @@ def load_sft_heldout(spec: DatasetSpec) -> list[dict[str, Any]]:
     return rows
 
 
-def heldout_indices(spec: DatasetSpec, raw_rows: list[dict[str, Any]]) -> set[int]:
+def heldout_indices(spec: DatasetSpec, raw_rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Any] | None = None) -> set[int]:
     """The rows of the training split held out by eval_fraction: those whose hash falls below it (at most
     eval_max_rows, the lowest hashes), so the choice depends on the row alone, never on the seed; identical
-    rows land on the same side. None when the source has an eval_split, is smaller than 1 / eval_fraction rows,
-    or would have no row left to train on."""
+    rows land on the same side. With `group`, the hash is of `group(row)` (a prompt, for feedback: a prompt's
+    thumbs up and down answers) and a group is held out whole or not at all, the cap included. None when the
+    source has an eval_split, is smaller than 1 / eval_fraction rows, or would have no row left to train on."""
     if spec.source == "embedded" or spec.eval_split is not None or spec.eval_fraction == 0:
         return set()
     if len(raw_rows) * spec.eval_fraction < 1:  # fewer rows than one expected held-out row: trained whole
         return set()
-    buckets = sorted((bucket, index) for index, row in enumerate(raw_rows) if (bucket := row_bucket(row)) < spec.eval_fraction)
-    chosen = {index for _, index in buckets[: spec.eval_max_rows]}
+    groups: dict[float, list[int]] = {}  # bucket -> its rows (a bucket is one group: the hash of its key)
+    for index, row in enumerate(raw_rows):
+        if (bucket := row_bucket(row if group is None else group(row))) < spec.eval_fraction:
+            groups.setdefault(bucket, []).append(index)
+    chosen: set[int] = set()
+    for bucket in sorted(groups):
+        if len(chosen) + len(groups[bucket]) > spec.eval_max_rows:
+            break
+        chosen.update(groups[bucket])
     return chosen if len(chosen) < len(raw_rows) else set()
 
 
-def heldout_raw_rows(spec: DatasetSpec) -> tuple[list[tuple[int, dict[str, Any]]], str]:
-    """(row index, raw row) pairs of the source's held-out rows, and a name for error messages."""
+def heldout_raw_rows(spec: DatasetSpec, group: Callable[[dict[str, Any]], Any] | None = None) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """(row index, raw row) pairs of the source's held-out rows (`group`: as for heldout_indices), and a name for
+    error messages."""
     if spec.eval_split is None:
         raw_rows, where = read_rows(spec)
-        chosen = heldout_indices(spec, raw_rows)
+        chosen = heldout_indices(spec, raw_rows, group)
         return [(index, row) for index, row in enumerate(raw_rows) if index in chosen], where
     as_file = Path(spec.eval_split).suffix in SUPPORTED_FILE_SUFFIXES or Path(spec.eval_split).exists()
     raw_rows, where = read_rows(replace(spec, source=spec.eval_split) if as_file else replace(spec, split=spec.eval_split))
     return list(enumerate(raw_rows)), where
 
 
-def row_bucket(row: dict[str, Any]) -> float:
-    """A number in [0, 1) from the row's content alone."""
+def row_bucket(row: Any) -> float:
+    """A number in [0, 1) from the row's content (or any JSON value) alone."""
     digest = hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
     return int(digest[:12], 16) / 16**12
 

@@ -32,18 +32,21 @@ def load_preference_rows(spec: DatasetSpec, drop_malformed: bool = False) -> tup
     """
     raw_rows, where = read_rows(spec)
     heldout = heldout_indices(spec, raw_rows)
-    return _convert_pairs([(index, row) for index, row in enumerate(raw_rows) if index not in heldout], where, spec, drop_malformed)
+    return convert_pairs([(index, row) for index, row in enumerate(raw_rows) if index not in heldout], where, spec, drop_malformed)
 
 
 def load_preference_heldout(spec: DatasetSpec, drop_malformed: bool = False) -> list[dict[str, Any]]:
     """The source's held-out pairs: its eval_split, or the eval_fraction `load_preference_rows` left out."""
     raw_rows, where = heldout_raw_rows(spec)
-    return _convert_pairs(raw_rows, where, spec, drop_malformed, allow_empty=True)[0]
+    return convert_pairs(raw_rows, where, spec, drop_malformed, allow_empty=True)[0]
 
 
-def _convert_pairs(
+def convert_pairs(
     raw_rows: list[tuple[int, dict[str, Any]]], where: str, spec: DatasetSpec, drop_malformed: bool, allow_empty: bool = False
 ) -> tuple[list[dict[str, Any]], int]:
+    """(row index, raw row) pairs -> converted pairs and how many malformed ones were dropped (only with
+    `drop_malformed`; otherwise the first is an error naming its row). No usable pair is an error unless
+    `allow_empty` and none was malformed."""
     rows, dropped = [], 0
     for index, row in raw_rows:
         try:

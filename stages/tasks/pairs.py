@@ -4,8 +4,9 @@ Negatives come from two places: the SFT model's own sampled answers when they ar
 mistakes a reward model must judge during PPO), and, where the model happened to be right,
 task-aware corruptions (off-by-one sums, unreversed words, one swapped letter). With a `World`
 (stages/tasks/world.py) the pairs are its judge's instead: the policy's sample against an answer of
-different quality, labelled with the judge's noise (held-out pairs: without it). `embedded_feedback` gives the
-same answers unpaired, a thumbs up or down each (KTO).
+different quality, labelled with the judge's noise (held-out pairs: without it). `embedded_feedback` gives such
+answers unpaired, a thumbs up or down each (KTO): without a world the pairs' own, with one those the noise-free judge
+compares (World.thumbs).
 """
 
 from __future__ import annotations
@@ -78,16 +79,29 @@ def embedded_feedback(
 ) -> list[dict[str, Any]]:
     """Unpaired feedback for KTO, `{"prompt", "completion", "label", ...}`, two rows per prompt: with a `world`, its
     judge's thumbs on single answers (`World.thumbs`, the same label noise); without one, the pairs of
-    `embedded_pairs` unpaired (the right answer up, the wrong one down), as trl's `unpair_preference_dataset` does."""
+    `embedded_pairs` unpaired by `unpair` (the right answer up, the wrong one down; `on_policy` only on the sample)."""
     rows = rows if rows is not None else generate(num_rows, seed=seed)
     if world is not None:
         return world.thumbs(rows, seed, corrupt, first_answers=sampled_responses)
-    feedback = []
-    for pair in embedded_pairs(len(rows), seed, sampled_responses=sampled_responses, rows=rows):
-        for side, label in (("chosen", True), ("rejected", False)):
-            feedback.append({"prompt": pair["prompt"], "completion": pair[side], "label": label, "task": pair["task"],
-                             "on_policy": pair["on_policy"] and not label})
-    return feedback
+    feedback = unpair(embedded_pairs(len(rows), seed, sampled_responses=sampled_responses, rows=rows))
+    return [row | {"on_policy": row["on_policy"] and not row["label"]} for row in feedback]  # the sample is the rejected side
+
+
+def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pairs `{"prompt", "chosen", "rejected", ...}` (all with the same keys) -> two rows `{"prompt", "completion",
+    "label", ...}` each, its chosen answer (label true) then its rejected one (false), other columns repeated: one call
+    of trl.data_utils.unpair_preference_dataset on the whole list (stages/data/feedback.py unpairs files with it too)."""
+    from datasets import Dataset
+    from trl.data_utils import unpair_preference_dataset
+
+    if not pairs:
+        return []
+    columns = {key: [pair[key] for pair in pairs] for key in pairs[0]}
+    unpaired = unpair_preference_dataset(Dataset.from_dict(columns | {"pair_index": list(range(len(pairs)))})).to_list()
+    # TRL's batched map writes a batch's chosen answers, then its rejected ones: back to the pairs' order, chosen first
+    unpaired.sort(key=lambda row: (row["pair_index"], not row["label"]))
+    extra = [key for key in pairs[0] if key not in ("prompt", "chosen", "rejected")]
+    return [{key: row[key] for key in ("prompt", "completion", "label", *extra)} for row in unpaired]
 
 
 def heldout_pairs(

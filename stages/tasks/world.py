@@ -24,8 +24,10 @@ demonstration; a plausible wrong answer where the pool's all tie); the judge pre
 and bare 2, right but wrapped 1, wrong 0) and flips `label_noise` of its labels (InstructGPT reports ~73%
 agreement between labellers).
 Held-out pairs are judged without noise: the reward model is scored against the true preference.
-Unpaired feedback (`World.thumbs`, for KTO): the same two answers a prompt's pair would hold, each judged alone,
-a thumbs up only for a right, bare answer, with the same `label_noise`.
+Unpaired feedback (`World.thumbs`, for KTO): two answers per prompt, drawn as a pair's are (those the noise-free
+judge compares at the seed), each judged alone, a thumbs up only for a right, bare answer, with the same `label_noise`.
+Not the very answers of DPO's training pairs at the same seed once label_noise > 0: the noisy judge draws a flip per
+pair, which shifts its later draws (same distribution, other answers).
 
 May import: `stages.tasks` siblings only.
 """
@@ -162,7 +164,10 @@ class World:
     ) -> list[dict[str, Any]]:
         """Unpaired feedback (KTO): the two answers `judge` would compare for each row, each judged on its own, a thumbs
         up (`label` true) only for what users want (right and bare, utility 2), and `label_noise` of the labels flipped,
-        as the judge's pairs are. Two rows per prompt: the same answers DPO's pairs hold, without the comparison."""
+        as the judge's pairs are. Two rows per prompt, the answers `judge(noisy=False)` compares at this seed: with
+        label_noise > 0 not those of DPO's training pairs at the same seed (their flip draws shift the annotator draws
+        after the first prompt), the same kind of answers. (Drawing them alike changed the KTO data, and the KTO stage
+        test's margins with it.)"""
         rng = random.Random(f"thumbs-{seed}")
         pairs = self.judge(rows, seed, corrupt, first_answers=first_answers, noisy=False)
         feedback = []

@@ -140,22 +140,92 @@ def test_ctrl_c_stops_an_answer_and_the_session_goes_on(terminal, delay: float) 
     assert screen.screen.split("[stopped]", 1)[1].replace("\r", "") == "\nyou> /exit\n", screen.screen
 
 
-def test_interrupted_answer_keeps_what_was_shown_and_the_next_turn_works(tmp_path: Path) -> None:
+ANSWER = "Hi there é!"  # tiny-llama's tokenizer is byte-level: 12 tokens, é two of them
+
+
+def _scripted(session: chat.Session, ids: list[int], interrupt_after: int | None = None):
+    """`session._tokens` replaced by known tokens (the random tiny model writes only special tokens, which print
+    nothing); with `interrupt_after`, a Ctrl-C while the token after that many is computed."""
+    def tokens(prompt: list[int]):
+        for index, token in enumerate(ids):
+            if index == interrupt_after:
+                raise KeyboardInterrupt
+            yield token
+    session._tokens = tokens
+
+
+def test_an_answer_streams_and_a_stopped_one_keeps_exactly_what_was_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the screen showed is what the history holds: never a token decoded but not yet written when Ctrl-C hit,
+    nor the half of é that waits for its second byte; and the answer comes piece by piece, not in one write."""
     session = chat.open_session("tiny-llama", temperature=0, max_new_tokens=50)
+    ids = session.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    half = ANSWER.index("é")  # the first byte of é is token `half`
+
     pieces: list[str] = []
+    _scripted(session, ids)
+    assert session.reply("hello", pieces.append) == (ANSWER, False)
+    assert "".join(pieces) == ANSWER and len([piece for piece in pieces if piece]) == len(ANSWER) and "é" in pieces
+
+    # Ctrl-C while the token after é's first byte is computed: "Hi there " was shown, é was not
+    pieces.clear()
+    _scripted(session, ids, interrupt_after=half + 1)
+    assert session.reply("again", pieces.append) == ("Hi there ", True)
+    assert "".join(pieces) == "Hi there " and session.history[-1] == {"role": "assistant", "content": "Hi there "}
+
+    # Ctrl-C while the fourth token is decoded, after it joined the answer's tokens: three characters were shown
+    pieces.clear()
+    _scripted(session, ids)
+    decode, calls = session.tokenizer.decode, []
+
+    def interrupted_decode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(session.tokenizer, "decode", interrupted_decode)
+    assert session.reply("once more", pieces.append) == ("Hi ", True)
+    assert "".join(pieces) == "Hi "
+    monkeypatch.undo()
+
+    # Ctrl-C as the third piece is flushed (it is in the stream's buffer: on the screen): it stays
+    pieces.clear()
 
     def write(piece: str) -> None:
-        if len(pieces) == 3:
-            raise KeyboardInterrupt  # Ctrl-C while the fourth piece is printed
         pieces.append(piece)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
 
-    answer, stopped = session.reply("hello", write)
-    assert stopped and answer.startswith("".join(pieces))
-    assert [message["role"] for message in session.history] == ["user", "assistant"]
-    answer, stopped = session.reply("again", lambda piece: None)
-    assert not stopped and len(session.history) == 4
+    _scripted(session, ids)
+    assert session.reply("last", write) == ("Hi ", True) and "".join(pieces) == "Hi "
+    assert [message["content"] for message in session.history[1::2]] == [ANSWER, "Hi there ", "Hi ", "Hi "]
+
+    del session._tokens  # the model's own loop again: the next turn works
+    answer, stopped = session.reply("and now?", lambda piece: None)
+    assert not stopped and len(session.history) == 10
     session.reset()
     assert session.history == []
+
+
+def test_the_context_note_goes_to_stderr_once_per_session_never_into_an_answer(capsys: pytest.CaptureFixture) -> None:
+    """tiny-llama's context is 256 positions: a 300-character message (303 tokens) leaves no room for the answer. The
+    note is written once (until /reset), not on every turn, and never among the answer's pieces; --prompt's stdout is
+    the answer alone, the note on stderr."""
+    session = chat.open_session("tiny-llama", temperature=0, max_new_tokens=3)
+    notes: list[str] = []
+    pieces: list[str] = []
+    session.note = notes.append
+    for message in ("x" * 300, "y", "z"):
+        session.reply(message, pieces.append)
+    assert len(notes) == 1 and "nears the model's context of 256" in notes[0]
+    assert not any("context" in piece for piece in pieces)
+    session.reset()
+    session.reply("x" * 300, pieces.append)
+    assert len(notes) == 2
+
+    assert cli.main(["chat", "tiny-llama", "--prompt", "x" * 300, "--temperature", "0", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "context" not in captured.out and "nears the model's context of 256" in captured.err
 
 
 def test_ctrl_c_before_the_first_token_stops_the_answer_and_keeps_the_turn(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,6 +275,7 @@ def test_the_system_prompt_and_the_history_reach_the_template(monkeypatch: pytes
 
 def test_prompt_answers_once(registered_sft: str, capsys: pytest.CaptureFixture) -> None:
     expected = chat.open_session(registered_sft, temperature=0, max_new_tokens=24).reply("uppercase: hello", lambda piece: None)[0]
+    assert expected.strip(), "the SFT model's answer prints nothing: endswith would pass whatever --prompt printed"
     assert cli.main(["chat", registered_sft, "--prompt", "uppercase: hello", "--temperature", "0", "--max-new-tokens", "24"]) == 0
     assert capsys.readouterr().out.endswith(expected + "\n")
 

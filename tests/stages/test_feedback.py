@@ -97,3 +97,70 @@ def test_without_a_world_the_embedded_pairs_are_unpaired() -> None:
     pairs = embedded_pairs(20, 5, rows=rows)
     assert [row["completion"] for row in feedback] == [pair[side] for pair in pairs for side in ("chosen", "rejected")]
     assert [row["label"] for row in feedback] == [True, False] * 20
+
+
+def test_feedback_is_held_out_by_prompt_never_one_answer_of_a_prompt(tmp_path: Path) -> None:
+    """kto-mix-14k's layout: each prompt holds a thumbs up and a thumbs down answer (here 2 or 3 rows, some prompts
+    written as a string and again as the same user turn). A hash of the whole row would hold out one answer of a
+    prompt and train on the other, so the policy stage would score held-out prompts it trained on: every row of a
+    prompt lands on the same side, the eval_max_rows cap included, and pair sources likewise."""
+    rows = []
+    for index in range(60):
+        prompt = f"question {index}?"
+        written = [{"role": "user", "content": prompt}] if index % 2 else prompt
+        rows += [{"prompt": written, "completion": f"good {index}", "label": True},
+                 {"prompt": [{"role": "user", "content": prompt}], "completion": f"bad {index}", "label": False}]
+        rows += [{"prompt": prompt, "completion": f"meh {index}", "label": False}] if index % 3 == 0 else []
+    path = _jsonl(tmp_path / "thumbs.jsonl", rows)
+    for spec in (data.DatasetSpec(source=str(path), eval_fraction=0.3), data.DatasetSpec(source=str(path), eval_fraction=0.3, eval_max_rows=7)):
+        train, _ = data.load_feedback_rows(spec)
+        heldout = data.load_feedback_heldout(spec)
+        assert train and heldout and len(train) + len(heldout) == len(rows) and len(heldout) <= spec.eval_max_rows
+        train_prompts = {row["prompt"][0]["content"] for row in train}
+        heldout_prompts = {row["prompt"][0]["content"] for row in heldout}
+        assert not train_prompts & heldout_prompts
+
+    pairs = [{"prompt": f"question {index // 2}?", "chosen": f"good {index}", "rejected": f"bad {index}"} for index in range(120)]
+    spec = data.DatasetSpec(source=str(_jsonl(tmp_path / "pairs.jsonl", pairs)), eval_fraction=0.3)
+    train_prompts = {row["prompt"][0]["content"] for row in data.load_feedback_rows(spec)[0]}
+    heldout_prompts = {row["prompt"][0]["content"] for row in data.load_feedback_heldout(spec)}
+    assert heldout_prompts and train_prompts and not train_prompts & heldout_prompts
+
+
+def test_a_source_of_pairs_is_unpaired_in_one_call_keeping_each_pair_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,200 pairs: one call of TRL's unpair_preference_dataset (not one Dataset and map per pair), and the rows still
+    come pair by pair, chosen then rejected, across TRL's batches of 1,000 (which list a batch's chosen answers first)."""
+    import trl.data_utils
+
+    calls = []
+    original = trl.data_utils.unpair_preference_dataset
+    monkeypatch.setattr(trl.data_utils, "unpair_preference_dataset", lambda dataset, **kwargs: calls.append(len(dataset)) or original(dataset, **kwargs))
+    pairs = [{"prompt": f"q{index}", "chosen": f"up {index}", "rejected": f"down {index}", "margin": 1.0} for index in range(1200)]
+    rows, dropped = data.load_feedback_rows(data.DatasetSpec(source=str(_jsonl(tmp_path / "pairs.jsonl", pairs)), eval_fraction=0))
+    assert calls == [1200] and dropped == 0
+    assert rows == [
+        {"prompt": [{"role": "user", "content": pair["prompt"]}], "completion": [{"role": "assistant", "content": pair[side]}], "label": side == "chosen"}
+        for pair in pairs for side in ("chosen", "rejected")
+    ]
+
+    calls.clear()
+    task_rows = families.generate(30, seed=5)
+    feedback = embedded_feedback(30, 5, rows=task_rows, sampled_responses=["zz"] * 30)  # every sample wrong: the rejected side
+    assert calls == [30]
+    assert [row["on_policy"] for row in feedback] == [False, True] * 30
+    assert all(row["task"] == task_row["task"] for row, task_row in zip(feedback[0::2], task_rows))
+
+
+def test_the_thumbs_rate_the_answers_the_noise_free_judge_compares_at_the_same_seed() -> None:
+    """What World.thumbs documents: per prompt, the better then the worse of the two answers `judge(noisy=False)`
+    compares at the seed, also with the policy's samples on some prompts; the noisy judge's training pairs at the same
+    seed draw a flip per pair, so they hold other answers (the docstring says so rather than claim the same ones)."""
+    world = World(label_noise=0.3)
+    rows = families.generate(300, seed=9)
+    sampled = [row["answer"] + "?" if index % 4 == 0 else None for index, row in enumerate(rows)]
+    feedback = embedded_feedback(300, 9, rows=rows, sampled_responses=sampled, world=world)
+    noise_free = world.judge(rows, 9, corrupt, first_answers=sampled, noisy=False)
+    assert [row["completion"] for row in feedback] == [pair[side] for pair in noise_free for side in ("chosen", "rejected")]
+    training = embedded_pairs(300, 9, rows=rows, sampled_responses=sampled, world=world)
+    answers = lambda pairs: [{pair["chosen"][-1]["content"], pair["rejected"][-1]["content"]} for pair in pairs]  # noqa: E731
+    assert answers(training)[0] == answers(noise_free)[0] and answers(training) != answers(noise_free)

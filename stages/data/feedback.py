@@ -20,7 +20,7 @@ from typing import Any, Callable
 from stages.data.formats import (
     DataError, DatasetSpec, check_messages, heldout_indices, heldout_raw_rows, read_rows, rename_columns, require_value,
 )
-from stages.data.preferences import convert_pairs, convert_preference_row
+from stages.data.preferences import convert_pairs, convert_preference_row, convert_rows
 from stages.tasks.pairs import unpair as unpair_pairs
 
 FEEDBACK_COLUMNS = ("prompt", "completion", "label")
@@ -63,17 +63,7 @@ def _convert(
     if raw_rows and _is_paired(rename_columns(raw_rows[0][1], spec.columns)):
         pairs, dropped = convert_pairs(raw_rows, where, spec, drop_malformed, allow_empty)
         return unpair(pairs), dropped
-    rows, dropped = [], 0
-    for index, row in raw_rows:
-        try:
-            rows.append(convert_feedback_row(rename_columns(row, spec.columns), f"{where} row {index}"))
-        except DataError as error:
-            if not drop_malformed:
-                raise DataError(f"{error} (set drop_malformed=true to skip such rows with a count)") from None
-            dropped += 1
-    if not rows and not (allow_empty and not dropped):
-        raise DataError(f"{where}: no usable feedback rows ({dropped} malformed)")
-    return rows, dropped
+    return convert_rows(raw_rows, where, spec, drop_malformed, allow_empty, convert_feedback_row, "feedback rows")
 
 
 def convert_feedback_row(row: dict[str, Any], where: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ the prompt), and Anthropic HH-RLHF raw text. A malformed pair is an error naming
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from stages.data.formats import (
     DataError,
@@ -47,16 +47,26 @@ def convert_pairs(
     """(row index, raw row) pairs -> converted pairs and how many malformed ones were dropped (only with
     `drop_malformed`; otherwise the first is an error naming its row). No usable pair is an error unless
     `allow_empty` and none was malformed."""
+    return convert_rows(raw_rows, where, spec, drop_malformed, allow_empty, convert_preference_row, "preference pairs")
+
+
+def convert_rows(
+    raw_rows: list[tuple[int, dict[str, Any]]], where: str, spec: DatasetSpec, drop_malformed: bool, allow_empty: bool,
+    convert: Callable[[dict[str, Any], str], dict[str, Any]], noun: str,
+) -> tuple[list[dict[str, Any]], int]:
+    """`convert` applied to each raw row (columns renamed by `spec.columns`): the converted rows and how many
+    malformed ones were dropped (only with `drop_malformed`; otherwise the first is an error naming its row). No
+    usable row is an error (naming the `noun`) unless `allow_empty` and none was malformed."""
     rows, dropped = [], 0
     for index, row in raw_rows:
         try:
-            rows.append(convert_preference_row(rename_columns(row, spec.columns), f"{where} row {index}"))
+            rows.append(convert(rename_columns(row, spec.columns), f"{where} row {index}"))
         except DataError as error:
             if not drop_malformed:
-                raise DataError(f"{error} (set drop_malformed=true to skip such pairs with a count)") from None
+                raise DataError(f"{error} (set drop_malformed=true to skip such {noun} with a count)") from None
             dropped += 1
     if not rows and not (allow_empty and not dropped):
-        raise DataError(f"{where}: no usable preference pairs ({dropped} malformed)")
+        raise DataError(f"{where}: no usable {noun} ({dropped} malformed)")
     return rows, dropped
 
 

@@ -87,4 +87,4 @@ def convert_feedback_row(row: dict[str, Any], where: str) -> dict[str, Any]:
 def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pairs `{"prompt", "chosen", "rejected"}` -> two feedback rows each (chosen: label true, then rejected: false),
     all pairs in one call of trl.data_utils.unpair_preference_dataset. Other columns (a margin) are dropped."""
-    return [{key: row[key] for key in FEEDBACK_COLUMNS} for row in unpair_pairs([{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs])]
+    return unpair_pairs([{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs])  # FEEDBACK_COLUMNS out

@@ -3,7 +3,7 @@
     rlhf sft --config configs/sft/tiny.yaml [key=value ...]
     rlhf registry list [--json] | show REF [--json] | gc [--delete-files] [--grace SECONDS] [--force]
     rlhf eval REF [--json] [--data FILE [--split S]]
-    rlhf eval REF --benchmark ifbench [--limit N] [--max-new-tokens T] [--batch-size B]   (or: --benchmark ifeval --data FILE)
+    rlhf eval REF --benchmark ifbench [--limit N] [--max-new-tokens T] [--batch-size B]   (or: --benchmark ifeval --data FILE: metrics eval/ifeval_FILESTEM/...)
     rlhf report RUN [RUN_B] [--out DIR]
     rlhf export REF OUT [--overwrite] [--push-to-hub ORG/NAME [--private]]
     rlhf chat REF [--system S] [--temperature T] [--max-new-tokens N] [--prompt TEXT]
@@ -18,6 +18,7 @@ import argparse
 import importlib
 from collections import Counter
 import json
+import re
 from pathlib import Path
 import sys
 import time
@@ -219,6 +220,10 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     from stages.benchmarks import runner
 
     spec = f"{args.benchmark}:{args.data}" if args.data else args.benchmark
+    if args.data and "=" not in args.benchmark:
+        # Named after the file, so that scoring a second file keeps the first one's folder and registry metrics.
+        stem = re.sub(r"[^a-z0-9_]+", "_", Path(args.data).stem.lower()).strip("_") or "data"
+        spec = f"{args.benchmark}_{stem}={spec}"
     settings = runner.Settings(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit,
         seed=args.seed, dtype=args.dtype,

@@ -306,11 +306,30 @@ def test_rlhf_eval_scores_an_ifeval_format_file_and_writes_its_files(isolated_ho
     assert cli.main(["eval", "tiny-llama", "--benchmark", "ifeval", "--data", data, "--limit", "2", "--max-new-tokens", "4", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
-        assert 0.0 <= printed["metrics"][f"eval/ifeval/{key}"] <= 1.0
-    assert printed["metrics"]["eval/ifeval/num_prompts"] == 2 and printed["metrics"]["eval/ifeval/max_new_tokens"] == 4
-    folder = isolated_home / "evals" / "tiny-llama" / "ifeval-n2-s1234-t4"
+        assert 0.0 <= printed["metrics"][f"eval/ifeval_ifeval_sample/{key}"] <= 1.0
+    assert printed["metrics"]["eval/ifeval_ifeval_sample/num_prompts"] == 2 and printed["metrics"]["eval/ifeval_ifeval_sample/max_new_tokens"] == 4
+    folder = isolated_home / "evals" / "tiny-llama" / "ifeval_ifeval_sample-n2-s1234-t4"
     assert printed["scores"] == str(folder / "scores.json")
     scores_file = json.loads((folder / "scores.json").read_text())
     assert scores_file["model"].startswith("tiny-llama")
     assert scores_file["settings"]["max_new_tokens"] == 4 and scores_file["prompt_file"] == data
     assert len((folder / "responses.jsonl").read_text().splitlines()) == 2
+
+
+def test_rlhf_eval_of_a_second_file_keeps_the_first_ones_files(isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    from stages import cli
+
+    first = tmp_path / "Held-Out Tasks.jsonl"
+    second = tmp_path / "heldout_types.jsonl"
+    shutil.copy(BENCHMARK_DATA / "ifeval_sample.jsonl", first)
+    shutil.copy(BENCHMARK_DATA / "ifeval_sample.jsonl", second)
+    folders = []
+    for data in (first, second):
+        assert cli.main(["eval", "tiny-llama", "--benchmark", "ifeval", "--data", str(data), "--limit", "2", "--max-new-tokens", "4", "--json"]) == 0
+        folders.append(Path(json.loads(capsys.readouterr().out)["scores"]).parent)
+    assert [folder.name for folder in folders] == ["ifeval_held_out_tasks-n2-s1234-t4", "ifeval_heldout_types-n2-s1234-t4"]
+    for folder, data in zip(folders, (first, second)):
+        assert json.loads((folder / "scores.json").read_text())["prompt_file"] == str(data)

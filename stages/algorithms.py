@@ -173,7 +173,7 @@ def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
     return PolicyOutcome(
         # The output directory is this stage's (claimed by StageRun.open); on resume it may hold the model that
         # the interrupted run wrote before it could register it.
-        save=lambda: trainer.save_model(stage.output_dir, overwrite=True),
+        save=lambda: trainer.save_model(stage.output_dir, overwrite=True, merge_scale=config.lora.merge_scale),
         loss=history[-1]["ppo/policy_loss"] if history else float("nan"),
         steps=trainer.num_steps,
         card={k: getattr(config.ppo, k) for k in ("actor_learning_rate", "kl_coef", "batch_size", "num_steps")},

@@ -53,6 +53,17 @@ class LoraSection:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Module names that get adapters."}
     )
     merge_on_save: bool = field(default=True, metadata={"help": "Save merged full weights (loadable without peft) instead of adapters."})
+    merge_scale: float = field(
+        default=1.0,
+        metadata={"help": "Multiply the learnt update by this when merging (0.5: halfway between the start and the trained model, "
+                  "WiSE-FT); needs merge_on_save."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.merge_scale <= 2.0:
+            raise ValueError(f"lora.merge_scale must be in (0, 2], not {self.merge_scale}: it scales the learnt update when merging")
+        if self.merge_scale != 1.0 and not self.merge_on_save:
+            raise ValueError("lora.merge_scale needs lora.merge_on_save: true (the scale is applied when the adapters are merged)")
 
     def peft_config(self, task_type: str, modules_to_save: list[str] | None = None) -> Any:
         from peft import LoraConfig

@@ -106,7 +106,7 @@ def settle_after_save(stage: StageRun, config: StageConfig, base: Entry, merge_l
     distributed.barrier()
     distributed.end_zero3_init()
     if distributed.is_main_process() and config.lora.enabled and merge_lora:
-        checkpoints.merge_adapters(base, stage.output_dir, config.trust_remote_code, sequence_classifier)
+        checkpoints.merge_adapters(base, stage.output_dir, config.trust_remote_code, sequence_classifier, scale=config.lora.merge_scale)
     distributed.barrier()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from stages.core import distributed
 from stages.core.registry import Entry
@@ -48,14 +49,30 @@ def remove_checkpoints(output_dir: Path) -> None:
     shutil.rmtree(output_dir / SHARED_DATASET, ignore_errors=True)
 
 
-def merge_adapters(base: Entry, output_dir: Path, trust_remote_code: bool, sequence_classifier: bool = False) -> None:
-    """Fold saved LoRA adapters into the base weights so the output loads without peft."""
+def merge_adapters(base: Entry, output_dir: Path, trust_remote_code: bool, sequence_classifier: bool = False, scale: float = 1.0) -> None:
+    """Fold saved LoRA adapters into the base weights so the output loads without peft; `scale` multiplies the
+    adapters' update first (0.5: the weights halfway between the start and the trained model, as in WiSE-FT)."""
     from peft import PeftModel
 
     from stages.core import models
 
     load = models.load_sequence_classifier if sequence_classifier else models.load_causal_lm
-    merged = PeftModel.from_pretrained(load(base, trust_remote_code), str(output_dir)).merge_and_unload()
+    adapted = PeftModel.from_pretrained(load(base, trust_remote_code), str(output_dir))
+    scale_adapters(adapted, scale)
+    merged = adapted.merge_and_unload()
     merged.save_pretrained(str(output_dir), safe_serialization=True)
     for adapter_file in ("adapter_model.safetensors", "adapter_config.json"):
         (output_dir / adapter_file).unlink(missing_ok=True)
+
+
+def scale_adapters(model: Any, scale: float) -> None:
+    """Multiply every LoRA layer's update of a peft model by `scale` (before merging)."""
+    if scale == 1.0:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    if not layers:
+        raise ValueError("scale_adapters: the model has no LoRA layers to scale")
+    for layer in layers:
+        layer.scale_layer(scale)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
+from stages.core import checkpoints
 from stages.ppo.engine import barrier
 
 if TYPE_CHECKING:
@@ -92,12 +93,13 @@ def load_checkpoint(trainer: PPOTrainer, checkpoint: Path) -> int:
     return int(state["step"])
 
 
-def export_model(trainer: PPOTrainer, path: str | os.PathLike, overwrite: bool = False) -> None:
+def export_model(trainer: PPOTrainer, path: str | os.PathLike, overwrite: bool = False, merge_scale: float = 1.0) -> None:
     """Write the actor as a plain Hugging Face model (safetensors; LoRA adapters merged) with the tokenizer,
     through a temporary directory whose files are then moved in. `path` may exist (the stage's output
     directory holds its manifest and checkpoints) but must not hold a model already, unless `overwrite`
     (the stage resuming a run that died after saving, before registering). Under DeepSpeed every process
-    must call it (ZeRO-3 gathers the weights); process 0 writes."""
+    must call it (ZeRO-3 gathers the weights); process 0 writes. `merge_scale` multiplies the adapters' update
+    before merging (lora.merge_scale)."""
     path = Path(path)
     exists = (path / "config.json").exists() and not overwrite
     # Every process looks before process 0 writes: a slower process would otherwise find the new model
@@ -111,7 +113,12 @@ def export_model(trainer: PPOTrainer, path: str | os.PathLike, overwrite: bool =
     with gathered:
         if trainer.rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
-            model = copy.deepcopy(trainer.actor).merge_and_unload() if trainer.is_peft else trainer.actor
+            if trainer.is_peft:
+                model = copy.deepcopy(trainer.actor)
+                checkpoints.scale_adapters(model, merge_scale)
+                model = model.merge_and_unload()
+            else:
+                model = trainer.actor
             state_dict = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
             model.save_pretrained(temporary, state_dict=state_dict)
             trainer.tokenizer.save_pretrained(temporary)

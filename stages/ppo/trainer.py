@@ -401,7 +401,8 @@ class PPOTrainer:
     def _save_checkpoint(self, step: int) -> None:
         checkpoint.save_checkpoint(self, step)
 
-    def save_model(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Write the actor as a plain Hugging Face model (safetensors; LoRA adapters merged) with the tokenizer;
-        never over an existing model unless `overwrite`. Under DeepSpeed every process must call it."""
-        checkpoint.export_model(self, path, overwrite)
+    def save_model(self, path: str | os.PathLike, overwrite: bool = False, merge_scale: float = 1.0) -> None:
+        """Write the actor as a plain Hugging Face model (safetensors; LoRA adapters merged, their update times
+        `merge_scale`) with the tokenizer; never over an existing model unless `overwrite`. Under DeepSpeed every
+        process must call it."""
+        checkpoint.export_model(self, path, overwrite, merge_scale)

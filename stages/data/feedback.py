@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from stages.data.formats import (
-    DataError, DatasetSpec, check_messages, heldout_indices, heldout_raw_rows, read_rows, rename_columns, require_value,
+    DataError, DatasetSpec, by_prompt, check_messages, heldout_indices, heldout_raw_rows, read_rows, rename_columns, require_value,
 )
 from stages.data.preferences import convert_pairs, convert_preference_row, convert_rows
 from stages.tasks.pairs import unpair as unpair_pairs
@@ -46,15 +46,8 @@ def _is_paired(row: dict[str, Any]) -> bool:
 
 
 def _prompt_of(spec: DatasetSpec) -> Callable[[dict[str, Any]], Any]:
-    """What the held-out split groups a raw row by: its prompt as converted (a string and the same user turn as a
-    message list are one prompt); a row that does not convert is its own group (it is dropped or reported later)."""
-    def prompt(raw: dict[str, Any]) -> Any:
-        try:
-            row = rename_columns(raw, spec.columns)
-            return (convert_preference_row(row, "") if _is_paired(row) else convert_feedback_row(row, ""))["prompt"]
-        except DataError:
-            return raw
-    return prompt
+    """What the held-out split groups a raw row by: its prompt (stages.data.formats.by_prompt), pair or feedback."""
+    return by_prompt(spec, lambda row: convert_preference_row(row, "") if _is_paired(row) else convert_feedback_row(row, ""))
 
 
 def _convert(

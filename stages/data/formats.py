@@ -142,7 +142,7 @@ def load_sft_rows(spec: DatasetSpec, seed: int, count: int | None = None, heldou
     phrasings = spec.phrasings()
     rng = random.Random(f"rephrase-{seed}")
     rows = []
-    heldout = heldout_indices(spec, raw_rows)
+    heldout = heldout_indices(spec, raw_rows, _sft_prompt(spec))
     for index, raw in enumerate(raw_rows):
         if index in heldout:
             continue
@@ -156,7 +156,7 @@ def load_sft_rows(spec: DatasetSpec, seed: int, count: int | None = None, heldou
 def load_sft_heldout(spec: DatasetSpec) -> list[dict[str, Any]]:
     """The source's held-out rows (its eval_split, or the eval_fraction `load_sft_rows` left out), converted
     as written: evaluation reads the user's own wording, not a rephrasing."""
-    raw_rows, where = heldout_raw_rows(spec)
+    raw_rows, where = heldout_raw_rows(spec, _sft_prompt(spec))
     rows = []
     for index, raw in raw_rows:
         raw = rename_columns(raw, spec.columns)
@@ -187,6 +187,21 @@ def heldout_indices(spec: DatasetSpec, raw_rows: list[dict[str, Any]], group: Ca
     return chosen if len(chosen) < len(raw_rows) else set()
 
 
+def by_prompt(spec: DatasetSpec, convert: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[dict[str, Any]], Any]:
+    """The held-out split's group of a raw row (for heldout_indices): its prompt as `convert` reads it (a string
+    and the same user turn as a message list are one prompt), so that a prompt's rows (its pairs, its thumbs up
+    and down, its answers) are held out together; a row without a prompt (text) or that does not convert is its
+    own group (it is dropped or reported later)."""
+
+    def prompt(raw: dict[str, Any]) -> Any:
+        try:
+            return convert(rename_columns(raw, spec.columns)).get("prompt", raw)
+        except DataError:
+            return raw
+
+    return prompt
+
+
 def heldout_raw_rows(spec: DatasetSpec, group: Callable[[dict[str, Any]], Any] | None = None) -> tuple[list[tuple[int, dict[str, Any]]], str]:
     """(row index, raw row) pairs of the source's held-out rows (`group`: as for heldout_indices), and a name for
     error messages."""
@@ -197,6 +212,10 @@ def heldout_raw_rows(spec: DatasetSpec, group: Callable[[dict[str, Any]], Any] |
     as_file = Path(spec.eval_split).suffix in SUPPORTED_FILE_SUFFIXES or Path(spec.eval_split).exists()
     raw_rows, where = read_rows(replace(spec, source=spec.eval_split) if as_file else replace(spec, split=spec.eval_split))
     return list(enumerate(raw_rows)), where
+
+
+def _sft_prompt(spec: DatasetSpec) -> Callable[[dict[str, Any]], Any]:
+    return by_prompt(spec, lambda row: convert_sft_row(row, detect_format(row, "") if spec.format == "auto" else spec.format, ""))
 
 
 def row_bucket(row: Any) -> float:

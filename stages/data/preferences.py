@@ -13,6 +13,7 @@ from typing import Any, Callable
 from stages.data.formats import (
     DataError,
     DatasetSpec,
+    by_prompt,
     check_messages,
     heldout_indices,
     heldout_raw_rows,
@@ -31,13 +32,13 @@ def load_preference_rows(spec: DatasetSpec, drop_malformed: bool = False) -> tup
     Returns the rows and how many malformed pairs were dropped (only when `drop_malformed`).
     """
     raw_rows, where = read_rows(spec)
-    heldout = heldout_indices(spec, raw_rows)
+    heldout = heldout_indices(spec, raw_rows, by_prompt(spec, _pair))
     return convert_pairs([(index, row) for index, row in enumerate(raw_rows) if index not in heldout], where, spec, drop_malformed)
 
 
 def load_preference_heldout(spec: DatasetSpec, drop_malformed: bool = False) -> list[dict[str, Any]]:
     """The source's held-out pairs: its eval_split, or the eval_fraction `load_preference_rows` left out."""
-    raw_rows, where = heldout_raw_rows(spec)
+    raw_rows, where = heldout_raw_rows(spec, by_prompt(spec, _pair))
     return convert_pairs(raw_rows, where, spec, drop_malformed, allow_empty=True)[0]
 
 
@@ -126,6 +127,10 @@ def convert_preference_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     if margin is not None:
         pair["margin"] = margin
     return pair
+
+
+def _pair(row: dict[str, Any]) -> dict[str, Any]:
+    return convert_preference_row(row, "")
 
 
 def _margin(row: dict[str, Any], where: str) -> float | None:

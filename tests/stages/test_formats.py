@@ -141,3 +141,32 @@ def test_reward_mixture_of_scored_and_unscored_sources_trains_with_margin_zero_f
     mixed = _to_dataset(scored + unscored, use_margins=True)
     assert mixed["margin"] == [4.5, 6.0, 0.0, 0.0]
     assert "margin" not in _to_dataset(scored + unscored, use_margins=False).column_names
+
+
+def test_pairs_and_sft_rows_are_held_out_by_prompt(tmp_path: Path) -> None:
+    """UltraFeedback's binarised sets hold several pairs of one prompt, SFT sets several answers: a hash of the whole
+    row would hold out one pair of a prompt and train on another, so the held-out score would be of prompts the model
+    trained on. Every row of a prompt lands on one side (a string prompt and the same user turn are one prompt)."""
+    import json
+
+    pairs, answers = [], []
+    for index in range(80):
+        prompt = f"question {index}?"
+        for k in range(3):
+            written = [{"role": "user", "content": prompt}] if k == 1 else prompt
+            pairs.append({"prompt": written, "chosen": f"good {index} {k}", "rejected": f"bad {index} {k}"})
+            answers.append({"instruction": prompt, "input": "", "output": f"answer {index} {k}"})
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    answer_file = tmp_path / "alpaca.jsonl"
+    answer_file.write_text("".join(json.dumps(row) + "\n" for row in answers))
+    prompt_of = lambda row: row["prompt"][-1]["content"]  # noqa: E731
+    for cap in (1000, 7):
+        spec = DatasetSpec(source=str(pair_file), eval_fraction=0.3, eval_max_rows=cap)
+        train, heldout = data.load_preference_rows(spec)[0], data.load_preference_heldout(spec)
+        assert train and heldout and len(train) + len(heldout) == len(pairs) and len(heldout) <= cap
+        assert not {prompt_of(row) for row in train} & {prompt_of(row) for row in heldout}
+        spec = DatasetSpec(source=str(answer_file), eval_fraction=0.3, eval_max_rows=cap)
+        train, heldout = data.load_sft_rows(spec, seed=0), data.load_sft_heldout(spec)
+        assert train and heldout and len(train) + len(heldout) == len(answers) and len(heldout) <= cap
+        assert not {prompt_of(row) for row in train} & {prompt_of(row) for row in heldout}

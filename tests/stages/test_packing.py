@@ -1,0 +1,225 @@
+"""Padding-free preference pairs (stages/data/packing.py) on the tiny Llama, random init, with pairs of
+different lengths: the packed step's loss and gradients equal the padded step's (TRL's own path) to fp32
+rounding for DPO's sigmoid, sigmoid + SFT and IPO losses and for the reward model (classifier head with
+margins; likelihood head with the chosen-NLL term); a pair never attends to another; and each comparison
+checks that the packed forward really ran on one row of real tokens (the padded path is isolated anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import string
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from stages.core import models
+from stages.core.registry import Registry
+from stages.data import packing
+from stages.data.packing import PackingError, backbone_of, pack, padding_free, unpack
+
+PAIRS = 4
+RELATIVE = 1e-5  # fp32 rounding: packed and padded add the same terms in another order
+
+
+def _entry() -> Any:
+    return Registry(os.devnull).get("tiny-llama")
+
+
+def _pairs(count: int = PAIRS, seed: int = 0, margins: bool = False) -> list[dict[str, Any]]:
+    """Copy-a-string pairs of different prompt and answer lengths; the rejected answer drops or adds letters."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        text = "".join(rng.choice(string.ascii_lowercase) for _ in range(3 + 7 * index))
+        wrong = text[: len(text) // 2] if index % 2 else text + "xyz" * (index + 1)
+        row = {"prompt": [{"role": "user", "content": f"copy: {text}"}], "chosen": [{"role": "assistant", "content": text}],
+               "rejected": [{"role": "assistant", "content": wrong}]}
+        rows.append(row | ({"margin": 0.5 * index} if margins else {}))
+    return rows
+
+
+@contextmanager
+def _backbone_rows(model: Any) -> Iterator[list[tuple[int, ...]]]:
+    """The shapes of the input ids every forward of `model`'s backbone embeds (the probe's included)."""
+    shapes: list[tuple[int, ...]] = []
+    handle = backbone_of(model).embed_tokens.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        yield shapes
+    finally:
+        handle.remove()
+
+
+def _loss_and_grads(model: Any, compute: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = compute(model, dict(batch))
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(packed: tuple[torch.Tensor, dict[str, torch.Tensor]], padded: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = packed, padded
+    assert abs(packed_loss.item() - padded_loss.item()) <= RELATIVE * abs(padded_loss.item()), (packed_loss, padded_loss)
+    assert packed_grads.keys() == padded_grads.keys() and padded_grads
+    for name, grad in padded_grads.items():
+        error = (packed_grads[name] - grad).abs().max().item()
+        assert error <= RELATIVE * grad.abs().max().item() + 1e-12, (name, error, grad.abs().max().item())
+
+
+def _assert_packed_once(shapes: list[tuple[int, ...]], attention_mask: torch.Tensor) -> None:
+    """Some forward ran on one row holding exactly the batch's real tokens; none on the full padded batch."""
+    real_tokens = int(attention_mask.sum())
+    assert (1, real_tokens) in shapes, shapes
+    assert tuple(attention_mask.shape) not in shapes, shapes
+
+
+def _dpo(tmp_path: Path, tokenizer: Any, loss_type: list[str], **args: Any) -> tuple[Any, dict[str, Any]]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=0.1, per_device_train_batch_size=PAIRS, report_to=[],
+                       use_cpu=True, bf16=False, gradient_checkpointing=False, **args)
+    trainer = padding_free(DPOTrainer)(model=models.load_causal_lm(_entry()), ref_model=models.load_causal_lm(_entry()),
+                                       args=config, train_dataset=Dataset.from_list(_pairs()), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[index] for index in range(PAIRS)])
+    assert not batch["attention_mask"].all(), "the pairs must need padding, or the comparison shows nothing"
+    return trainer, batch
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["sigmoid", "sft"], ["ipo"]], ids=["sigmoid", "sigmoid+sft", "ipo"])
+def test_dpo_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, loss_type: list[str]) -> None:
+    """Policy and reference log-probs from the packed forward: loss and every gradient as TRL's padded step."""
+    from trl import DPOTrainer
+
+    trainer, batch = _dpo(tmp_path, tiny_tokenizer, loss_type)
+    trainer.model.train()
+    with _backbone_rows(trainer.model) as policy_shapes, _backbone_rows(trainer.ref_model) as reference_shapes:
+        packed = _loss_and_grads(trainer.model, trainer.compute_loss, batch)
+    _assert_packed_once(policy_shapes, batch["attention_mask"])
+    _assert_packed_once(reference_shapes, batch["attention_mask"])
+    with _backbone_rows(trainer.model) as padded_shapes:
+        padded = _loss_and_grads(trainer.model, lambda model, inputs: DPOTrainer.compute_loss(trainer, model, inputs), batch)
+    assert padded_shapes == [tuple(batch["attention_mask"].shape)]
+    _assert_same(packed, padded)
+
+
+def test_dpo_precomputed_reference_log_probs_are_packed(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """precompute_ref_log_probs: TRL's pass over the data (compute_ref_log_probs) runs packed, same values."""
+    from trl import DPOTrainer
+
+    trainer, batch = _dpo(tmp_path, tiny_tokenizer, ["sigmoid"])
+    with _backbone_rows(trainer.ref_model) as shapes:
+        packed = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    _assert_packed_once(shapes, batch["attention_mask"])
+    padded = DPOTrainer.compute_ref_log_probs(trainer, trainer.ref_model, batch)
+    for packed_logps, padded_logps in zip(packed, padded):
+        torch.testing.assert_close(packed_logps, padded_logps, rtol=RELATIVE, atol=1e-6)
+
+
+def test_a_pair_never_attends_to_another(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """Change the answers of pair 0 (rows 0 and PAIRS of the stacked batch): the other pairs' per-token log-probs,
+    computed in the same packed row, do not move; pair 0's do."""
+    trainer, batch = _dpo(tmp_path, tiny_tokenizer, ["sigmoid"])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    perturbed = batch["input_ids"].clone()
+    for row in (0, PAIRS):
+        answer = batch["completion_mask"][row].bool()
+        perturbed[row, answer] = (perturbed[row, answer] + 7) % 200 + 2  # other letters, same lengths
+
+    def log_probs(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), trainer._packed_backbones(), _backbone_rows(trainer.model) as shapes:
+            out = trainer.model(input_ids=input_ids, attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True)
+        _assert_packed_once(shapes, batch["attention_mask"])
+        return out.log_probs  # (2 * PAIRS, length - 1)
+
+    before, after = log_probs(batch["input_ids"]), log_probs(perturbed)
+    others = [row for row in range(2 * PAIRS) if row not in (0, PAIRS)]
+    torch.testing.assert_close(after[others], before[others], rtol=0, atol=1e-6)
+    assert (after[[0, PAIRS]] - before[[0, PAIRS]]).abs().max() > 1e-2
+
+
+def _reward(tmp_path: Path, tokenizer: Any, head: str, chosen_nll: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from reward import likelihood
+
+    if head == "likelihood":
+        model = likelihood.as_reward_model(models.load_causal_lm(_entry()), tokenizer)
+    else:
+        model = models.load_sequence_classifier(_entry())
+        model.config.pad_token_id = tokenizer.pad_token_id
+    config = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=PAIRS, report_to=[], use_cpu=True, bf16=False,
+                          gradient_checkpointing=False)
+    trainer_class = padding_free(likelihood.with_chosen_nll(RewardTrainer, chosen_nll))
+    trainer = trainer_class(model=model, args=config, train_dataset=Dataset.from_list(_pairs(margins=True)), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[index] for index in range(PAIRS)])
+    assert "margin" in batch and not batch["attention_mask"].all()
+    return trainer, batch
+
+
+@pytest.mark.parametrize("head, chosen_nll", [("classifier", 0.0), ("likelihood", 0.5)], ids=["classifier+margins", "likelihood+chosen_nll"])
+def test_reward_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, head: str, chosen_nll: float) -> None:
+    """The score at each sequence's last token from the packed forward: the margin loss (and the chosen-NLL
+    term of the likelihood head) and every gradient as the padded step's."""
+    trainer, batch = _reward(tmp_path, tiny_tokenizer, head, chosen_nll)
+    unpacked_class = type(trainer).__mro__[1]  # what padding_free wrapped: RewardTrainer, or its chosen-NLL subclass
+    trainer.model.train()
+    with _backbone_rows(trainer.model) as shapes:
+        packed = _loss_and_grads(trainer.model, trainer.compute_loss, batch)
+    _assert_packed_once(shapes, batch["attention_mask"])
+    padded = _loss_and_grads(trainer.model, lambda model, inputs: unpacked_class.compute_loss(trainer, model, inputs), batch)
+    _assert_same(packed, padded)
+
+
+def test_a_pair_never_changes_another_pairs_scores(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    trainer, batch = _reward(tmp_path, tiny_tokenizer, "classifier")
+    perturbed = batch["input_ids"].clone()
+    for row in (0, PAIRS):
+        length = int(batch["attention_mask"][row].sum())
+        perturbed[row, length // 2 : length] = (perturbed[row, length // 2 : length] + 5) % 200 + 2
+
+    def scores(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), trainer._packed_backbones(), _backbone_rows(trainer.model) as shapes:
+            out = trainer.model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False)
+        _assert_packed_once(shapes, batch["attention_mask"])
+        return out.logits.squeeze(-1)  # (2 * PAIRS,)
+
+    before, after = scores(batch["input_ids"]), scores(perturbed)
+    others = [row for row in range(2 * PAIRS) if row not in (0, PAIRS)]
+    torch.testing.assert_close(after[others], before[others], rtol=0, atol=1e-6)
+    assert (after[[0, PAIRS]] - before[[0, PAIRS]]).abs().max() > 1e-4
+
+
+def test_pack_and_unpack_a_right_padded_batch() -> None:
+    input_ids = torch.tensor([[5, 6, 7], [8, 0, 0], [9, 4, 0]])
+    attention_mask = (input_ids != 0).long()
+    packed_ids, position_ids = pack(input_ids, attention_mask)
+    assert packed_ids.tolist() == [[5, 6, 7, 8, 9, 4]] and position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    hidden = torch.arange(6.0)[None, :, None]  # (1, tokens, 1)
+    assert unpack(hidden, attention_mask)[..., 0].tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    with pytest.raises(PackingError, match="left padding"):
+        pack(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]))
+
+
+def test_falls_back_to_padding_when_packed_differs(tmp_path: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """Positions that do not restart (one long sequence: the pairs attend to each other) fail the first-batch check:
+    the trainer says so and trains padded, with the padded loss."""
+    from trl import DPOTrainer
+
+    def no_restart(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        real = attention_mask.bool()
+        return input_ids[real][None], torch.arange(int(real.sum()))[None]
+
+    monkeypatch.setattr(packing, "pack", no_restart)
+    trainer, batch = _dpo(tmp_path, tiny_tokenizer, ["sigmoid"])
+    with _backbone_rows(trainer.model) as shapes:
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert "training on padded batches instead" in capsys.readouterr().out
+    assert shapes[-1] == tuple(batch["attention_mask"].shape)  # the step itself ran padded
+    padded = DPOTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    assert abs(loss.item() - padded.item()) <= RELATIVE * abs(padded.item())

@@ -77,33 +77,46 @@ def _assert_packed_once(shapes: list[tuple[int, ...]], attention_mask: torch.Ten
     assert tuple(attention_mask.shape) not in shapes, shapes
 
 
-def _dpo(tmp_path: Path, tokenizer: Any, loss_type: list[str], **args: Any) -> tuple[Any, dict[str, Any]]:
+def _dpo(tmp_path: Path, tokenizer: Any, loss_type: list[str], lora: bool = False) -> tuple[Any, dict[str, Any]]:
     from datasets import Dataset
+    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     config = DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=0.1, per_device_train_batch_size=PAIRS, report_to=[],
-                       use_cpu=True, bf16=False, gradient_checkpointing=False, **args)
-    trainer = padding_free(DPOTrainer)(model=models.load_causal_lm(_entry()), ref_model=models.load_causal_lm(_entry()),
-                                       args=config, train_dataset=Dataset.from_list(_pairs()), processing_class=tokenizer)
+                       use_cpu=True, bf16=False, gradient_checkpointing=False)
+    # With LoRA there is no reference model: TRL runs the policy with its adapters disabled (init_lora_weights=False:
+    # adapters that already change the policy, so that the two differ).
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False) if lora else None
+    trainer = padding_free(DPOTrainer)(model=models.load_causal_lm(_entry()), ref_model=None if lora else models.load_causal_lm(_entry()),
+                                       args=config, train_dataset=Dataset.from_list(_pairs()), processing_class=tokenizer,
+                                       peft_config=peft_config)
     batch = trainer.data_collator([trainer.train_dataset[index] for index in range(PAIRS)])
     assert not batch["attention_mask"].all(), "the pairs must need padding, or the comparison shows nothing"
     return trainer, batch
 
 
-@pytest.mark.parametrize("loss_type", [["sigmoid"], ["sigmoid", "sft"], ["ipo"]], ids=["sigmoid", "sigmoid+sft", "ipo"])
-def test_dpo_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, loss_type: list[str]) -> None:
+@pytest.mark.parametrize(
+    "loss_type, lora", [(["sigmoid"], False), (["sigmoid", "sft"], False), (["ipo"], False), (["sigmoid", "sft"], True)],
+    ids=["sigmoid", "sigmoid+sft", "ipo", "sigmoid+sft-lora"],
+)
+def test_dpo_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, loss_type: list[str], lora: bool) -> None:
     """Policy and reference log-probs from the packed forward: loss and every gradient as TRL's padded step."""
     from trl import DPOTrainer
 
-    trainer, batch = _dpo(tmp_path, tiny_tokenizer, loss_type)
+    trainer, batch = _dpo(tmp_path, tiny_tokenizer, loss_type, lora)
     trainer.model.train()
-    with _backbone_rows(trainer.model) as policy_shapes, _backbone_rows(trainer.ref_model) as reference_shapes:
-        packed = _loss_and_grads(trainer.model, trainer.compute_loss, batch)
+    with _backbone_rows(trainer.model) as policy_shapes:
+        if lora:  # one backbone: the policy's forward, then the reference's with adapters off
+            packed = _loss_and_grads(trainer.model, trainer.compute_loss, batch)
+            assert policy_shapes.count((1, int(batch["attention_mask"].sum()))) >= 2, policy_shapes
+        else:
+            with _backbone_rows(trainer.ref_model) as reference_shapes:
+                packed = _loss_and_grads(trainer.model, trainer.compute_loss, batch)
+            _assert_packed_once(reference_shapes, batch["attention_mask"])
     _assert_packed_once(policy_shapes, batch["attention_mask"])
-    _assert_packed_once(reference_shapes, batch["attention_mask"])
     with _backbone_rows(trainer.model) as padded_shapes:
         padded = _loss_and_grads(trainer.model, lambda model, inputs: DPOTrainer.compute_loss(trainer, model, inputs), batch)
-    assert padded_shapes == [tuple(batch["attention_mask"].shape)]
+    assert set(padded_shapes) == {tuple(batch["attention_mask"].shape)}
     _assert_same(packed, padded)
 
 
@@ -223,3 +236,16 @@ def test_falls_back_to_padding_when_packed_differs(tmp_path: Path, tiny_tokenize
     assert shapes[-1] == tuple(batch["attention_mask"].shape)  # the step itself ran padded
     padded = DPOTrainer.compute_loss(trainer, trainer.model, dict(batch))
     assert abs(loss.item() - padded.item()) <= RELATIVE * abs(padded.item())
+
+
+def test_padding_free_is_on_by_default_in_both_stages_and_trls_switch_is_refused() -> None:
+    from stages import policy, reward_model
+    from stages.core.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[2]
+    assert load_config(policy.PolicyStageConfig, ["--config", str(root / "configs/policy/tiny.yaml")]).padding_free
+    assert load_config(reward_model.RewardStageConfig, ["--config", str(root / "configs/reward/tiny.yaml")]).padding_free
+    assert not load_config(policy.PolicyStageConfig, ["--config", str(root / "configs/policy/tiny.yaml"), "padding_free=false"]).padding_free
+    with pytest.raises(ConfigError, match="top-level padding_free"):
+        load_config(policy.PolicyStageConfig, ["--config", str(root / "configs/policy/tiny.yaml"), "dpo.padding_free=true"])
+    assert padding_free(dict, enabled=False) is dict

@@ -1,10 +1,10 @@
-"""Padding-free preference pairs: every sequence of a batch (each pair's chosen and rejected) in one row.
+"""Padding-free preference pairs: a batch's sequences (each pair's chosen and rejected) packed end to end.
 
 TRL's DPOTrainer and RewardTrainer stack a batch's chosen and rejected sequences and pad them, on the right,
 to the longest; a step then spends compute on padding (TRL 1.16's DPOTrainer turns its own `padding_free`
 off with a warning). `padding_free(trainer_class)` runs the model's backbone (the decoder under the LM or
-score head: `model.base_model`, e.g. LlamaModel) on the batch's real tokens only, concatenated into one row,
-and puts its hidden states back in the padded layout before any head reads them. Everything above the
+score head: `model.base_model`, e.g. LlamaModel) on the batch's real tokens only, concatenated (`pack`), and
+puts its hidden states back in the padded layout before any head reads them. Everything above the
 backbone is TRL's and ours unchanged: the fused LM head and every DPO loss type (sigmoid, sft, ipo, ...), the
 reference log-probs (the reference's backbone is packed too, and so is TRL's precompute pass), the reward
 classifier's last-token score and the `margin` column, the likelihood head and its chosen-NLL term. Hidden
@@ -23,20 +23,26 @@ Where it is not exact, it falls back to padding with a message: an attention imp
 its padded ones on the first batch (checked once per backbone, in eval mode, on up to `PROBE_ROWS` rows).
 A left-padded batch (TRL pads on the right) is an error. A batch without padding runs as it is.
 
-What it gains: the backbone's linear layers and MLPs see only real tokens. On CPU, sdpa and eager attend
-through a dense (tokens x tokens) mask, so the attention term grows with the square of the whole batch's
-tokens instead of each sequence's: bench/README.md has the measured trade-off.
+One row or several: with flash attention (variable-length kernels, cost linear in the tokens) the whole batch
+is one row. sdpa and eager attend through a dense (row x row) mask, so one row would cost (all tokens)^2 in
+attention: on CPU that made a DPO epoch 0.63x as fast as padded (bench/README.md). There the sequences are
+packed first-fit into rows as wide as the longest one: attention costs at most the padded batch's, and the
+linear layers and MLPs see a little filler at the rows' ends instead of the batch's padding.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
 # Attention implementations for which transformers 5 builds per-sequence attention from restarting positions.
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Variable-length kernels: attention cost linear in the tokens, so the whole batch goes in one row. The others
+# attend through a dense mask: rows as wide as the longest sequence (see `pack`).
+ONE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3")
 PROBE_ROWS = 4  # rows of the first batch compared packed against padded, per backbone
 
 
@@ -44,30 +50,71 @@ class PackingError(ValueError):
     """A batch the packed forward cannot reproduce exactly (left padding)."""
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, tokens) input ids and position ids (restarting at 0 per sequence) of a right-padded batch."""
+@dataclass
+class PackedRows:
+    """A right-padded batch's sequences packed into rows; `slots` says where each packed token came from."""
+
+    input_ids: torch.Tensor  # (rows, width)
+    position_ids: torch.Tensor  # (rows, width): 0..n-1 on each sequence; a row's filler at its end counts from 0 too
+    slots: torch.Tensor  # (rows * width,): each packed token's index in the flattened (batch * length) batch; -1: filler
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, one_row: bool = False) -> PackedRows:
+    """The real tokens of a right-padded (batch, length) batch, without padding between sequences.
+
+    one_row: every sequence in one row. Otherwise rows as wide as the longest sequence, filled first-fit in order of
+    decreasing length: with a dense attention mask (sdpa, eager on CPU) the attention cost is rows x width^2, never
+    more than the padded batch's, where one row would cost (all tokens)^2. A row's unused end is filler: a sequence of
+    its own (positions from 0), which no real token attends to, and which `unpack` drops.
+    """
     real = attention_mask.bool()  # (batch, length)
     if (real[:, 1:] & ~real[:, :-1]).any():
         raise PackingError("padding_free: a row has a padding token before a real one (left padding); TRL pads on the right. "
                            "Set padding_free: false for this data collator")
-    position_ids = attention_mask.long().cumsum(-1) - 1  # (batch, length): 0..n-1 on each row's real tokens
-    return input_ids[real][None], position_ids[real][None]
+    batch, length = real.shape
+    lengths = real.sum(-1).tolist()
+    width = sum(lengths) if one_row else max(lengths)
+    rows: list[list[int]] = []  # sequence indices per row
+    free: list[int] = []  # tokens left per row
+    for sequence in sorted(range(batch), key=lambda index: -lengths[index]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[sequence]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(sequence)
+        free[row] -= lengths[sequence]
+    slots: list[int] = []
+    positions: list[int] = []
+    for sequences, room in zip(rows, free):
+        for sequence in sequences:
+            slots += range(sequence * length, sequence * length + lengths[sequence])
+            positions += range(lengths[sequence])
+        slots += [-1] * room
+        positions += range(room)
+    slot_index = torch.tensor(slots, device=input_ids.device)
+    packed_ids = input_ids.reshape(-1)[slot_index.clamp(min=0)]  # filler: any token id, never attended to
+    position_ids = torch.tensor(positions, device=input_ids.device)
+    return PackedRows(packed_ids.view(len(rows), width), position_ids.view(len(rows), width), slot_index)
 
 
-def unpack(packed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, length, ...) from (1, tokens, ...): each sequence back in its row, zeros at padding."""
-    real = attention_mask.bool()
-    padded = packed.new_zeros(*real.shape, *packed.shape[2:])
-    padded[real] = packed[0]  # row-major, the order `pack` took the tokens in
-    return padded
+def unpack(hidden: torch.Tensor, packed: PackedRows, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, length, ...) from (rows, width, ...): each sequence back in its row, zeros at padding."""
+    batch, length = attention_mask.shape
+    flat = hidden.reshape(-1, *hidden.shape[2:])
+    kept = packed.slots >= 0
+    padded = hidden.new_zeros(batch * length, *hidden.shape[2:])
+    padded[packed.slots[kept]] = flat[kept]
+    return padded.view(batch, length, *hidden.shape[2:])
 
 
-def packed_forward(original: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
-    """The backbone's output on a right-padded batch, computed on its real tokens in one row."""
-    packed_ids, position_ids = pack(input_ids, attention_mask)
+def packed_forward(original: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, one_row: bool = False,
+                   **kwargs: Any) -> Any:
+    """The backbone's output on a right-padded batch, computed on its real tokens packed (see `pack`)."""
+    packed = pack(input_ids, attention_mask, one_row)
     # attention_mask=None and no cache: only then does transformers read the restarting positions as sequences.
-    outputs = original(input_ids=packed_ids, attention_mask=None, position_ids=position_ids, use_cache=False, **kwargs)
-    outputs.last_hidden_state = unpack(outputs.last_hidden_state, attention_mask)
+    outputs = original(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids, use_cache=False, **kwargs)
+    outputs.last_hidden_state = unpack(outputs.last_hidden_state, packed, attention_mask)
     return outputs
 
 
@@ -87,7 +134,7 @@ def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_hidden_states(original: Callable[..., Any], backbone: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        kwargs: dict[str, Any]) -> bool:
+                        one_row: bool, kwargs: dict[str, Any]) -> bool:
     """Packed against padded on the batch's first rows, without gradients and dropout."""
     rows = slice(0, PROBE_ROWS)
     ids, mask = input_ids[rows], attention_mask[rows]
@@ -96,7 +143,7 @@ def _same_hidden_states(original: Callable[..., Any], backbone: Any, input_ids: 
     try:
         with torch.no_grad():
             padded = original(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
-            packed = packed_forward(original, ids, mask, **kwargs).last_hidden_state
+            packed = packed_forward(original, ids, mask, one_row, **kwargs).last_hidden_state
     finally:
         backbone.train(was_training)
     real = mask.bool()
@@ -165,7 +212,8 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
                     checked[id(backbone)] = self._check_exact(original, backbone, input_ids, attention_mask, _without_cache(kwargs))
                 if not checked[id(backbone)]:
                     return original(**call, **kwargs)
-                return packed_forward(original, input_ids, attention_mask, **_without_cache(kwargs))
+                one_row = backbone.config._attn_implementation in ONE_ROW_ATTENTION
+                return packed_forward(original, input_ids, attention_mask, one_row, **_without_cache(kwargs))
 
             return forward
 
@@ -173,7 +221,7 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
             attention = getattr(backbone.config, "_attn_implementation", None)
             if attention not in PACKED_ATTENTION:
                 return self._fall_back(f"attention implementation {attention!r} has no packed-sequence support (supported: {', '.join(PACKED_ATTENTION)})")
-            if not _same_hidden_states(original, backbone, input_ids, attention_mask, kwargs):
+            if not _same_hidden_states(original, backbone, input_ids, attention_mask, attention in ONE_ROW_ATTENTION, kwargs):
                 return self._fall_back(f"{type(backbone).__name__} ({attention}) gives other hidden states packed than padded")
             return True
 

@@ -70,10 +70,15 @@ def _assert_same(packed: tuple[torch.Tensor, dict[str, torch.Tensor]], padded: t
         assert error <= RELATIVE * grad.abs().max().item() + 1e-12, (name, error, grad.abs().max().item())
 
 
+def _packed_shape(attention_mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(pack(torch.zeros_like(attention_mask), attention_mask).input_ids.shape)
+
+
 def _assert_packed_once(shapes: list[tuple[int, ...]], attention_mask: torch.Tensor) -> None:
-    """Some forward ran on one row holding exactly the batch's real tokens; none on the full padded batch."""
-    real_tokens = int(attention_mask.sum())
-    assert (1, real_tokens) in shapes, shapes
+    """Some forward ran on the packed rows (fewer than the batch's, no wider); none on the full padded batch."""
+    rows, width = _packed_shape(attention_mask)
+    assert rows < attention_mask.shape[0] and width <= attention_mask.shape[1]
+    assert (rows, width) in shapes, shapes
     assert tuple(attention_mask.shape) not in shapes, shapes
 
 
@@ -108,7 +113,7 @@ def test_dpo_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, loss
     with _backbone_rows(trainer.model) as policy_shapes:
         if lora:  # one backbone: the policy's forward, then the reference's with adapters off
             packed = _loss_and_grads(trainer.model, trainer.compute_loss, batch)
-            assert policy_shapes.count((1, int(batch["attention_mask"].sum()))) >= 2, policy_shapes
+            assert policy_shapes.count(_packed_shape(batch["attention_mask"])) >= 2, policy_shapes
         else:
             with _backbone_rows(trainer.ref_model) as reference_shapes:
                 packed = _loss_and_grads(trainer.model, trainer.compute_loss, batch)
@@ -149,10 +154,20 @@ def test_a_pair_never_attends_to_another(tmp_path: Path, tiny_tokenizer: Any) ->
         _assert_packed_once(shapes, batch["attention_mask"])
         return out.log_probs  # (2 * PAIRS, length - 1)
 
+    _assert_shares_a_row(batch["attention_mask"], (0, PAIRS))
     before, after = log_probs(batch["input_ids"]), log_probs(perturbed)
     others = [row for row in range(2 * PAIRS) if row not in (0, PAIRS)]
     torch.testing.assert_close(after[others], before[others], rtol=0, atol=1e-6)
     assert (after[[0, PAIRS]] - before[[0, PAIRS]]).abs().max() > 1e-2
+
+
+def _assert_shares_a_row(attention_mask: torch.Tensor, sequences: tuple[int, ...]) -> None:
+    """The packed rows put each of `sequences` beside another sequence, or isolation would be trivially true."""
+    packed = pack(torch.zeros_like(attention_mask), attention_mask)
+    owners = torch.where(packed.slots >= 0, packed.slots // attention_mask.shape[1], -1).view(packed.input_ids.shape)
+    for sequence in sequences:
+        row = owners[(owners == sequence).any(-1)][0]
+        assert set(row.tolist()) - {sequence, -1}, (sequence, owners)
 
 
 def _reward(tmp_path: Path, tokenizer: Any, head: str, chosen_nll: float = 0.0) -> tuple[Any, dict[str, Any]]:
@@ -202,6 +217,7 @@ def test_a_pair_never_changes_another_pairs_scores(tmp_path: Path, tiny_tokenize
         _assert_packed_once(shapes, batch["attention_mask"])
         return out.logits.squeeze(-1)  # (2 * PAIRS,)
 
+    _assert_shares_a_row(batch["attention_mask"], (0, PAIRS))
     before, after = scores(batch["input_ids"]), scores(perturbed)
     others = [row for row in range(2 * PAIRS) if row not in (0, PAIRS)]
     torch.testing.assert_close(after[others], before[others], rtol=0, atol=1e-6)
@@ -209,12 +225,18 @@ def test_a_pair_never_changes_another_pairs_scores(tmp_path: Path, tiny_tokenize
 
 
 def test_pack_and_unpack_a_right_padded_batch() -> None:
-    input_ids = torch.tensor([[5, 6, 7], [8, 0, 0], [9, 4, 0]])
+    """Rows as wide as the longest sequence, filled longest first: [5 6 7 | 8 9 1] holds 3, then 2 and 1 tokens; the
+    4th sequence (2 tokens) starts a row of its own, whose last slot is filler (position 0, a sequence of its own)."""
+    input_ids = torch.tensor([[5, 6, 7], [8, 0, 0], [9, 1, 0], [3, 2, 0]])
     attention_mask = (input_ids != 0).long()
-    packed_ids, position_ids = pack(input_ids, attention_mask)
-    assert packed_ids.tolist() == [[5, 6, 7, 8, 9, 4]] and position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
-    hidden = torch.arange(6.0)[None, :, None]  # (1, tokens, 1)
-    assert unpack(hidden, attention_mask)[..., 0].tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    packed = pack(input_ids, attention_mask)
+    assert packed.input_ids[:, :2].tolist() == [[5, 6], [9, 1], [3, 2]] and packed.input_ids[1, 2].item() == 8
+    assert packed.position_ids.tolist() == [[0, 1, 2], [0, 1, 0], [0, 1, 0]]
+    assert packed.slots.tolist() == [0, 1, 2, 6, 7, 3, 9, 10, -1]
+    hidden = torch.arange(1.0, 10.0).view(3, 3, 1)  # (rows, width, 1)
+    assert unpack(hidden, packed, attention_mask)[..., 0].tolist() == [[1, 2, 3], [6, 0, 0], [4, 5, 0], [7, 8, 0]]
+    one_row = pack(input_ids, attention_mask, one_row=True)
+    assert one_row.input_ids.tolist() == [[5, 6, 7, 9, 1, 3, 2, 8]] and one_row.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 0]]
     with pytest.raises(PackingError, match="left padding"):
         pack(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]))
 
@@ -224,9 +246,12 @@ def test_falls_back_to_padding_when_packed_differs(tmp_path: Path, tiny_tokenize
     the trainer says so and trains padded, with the padded loss."""
     from trl import DPOTrainer
 
-    def no_restart(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        real = attention_mask.bool()
-        return input_ids[real][None], torch.arange(int(real.sum()))[None]
+    original_pack = packing.pack
+
+    def no_restart(input_ids: torch.Tensor, attention_mask: torch.Tensor, one_row: bool = False) -> packing.PackedRows:
+        packed = original_pack(input_ids, attention_mask, one_row)
+        packed.position_ids = torch.arange(packed.position_ids.numel()).view(packed.position_ids.shape)
+        return packed
 
     monkeypatch.setattr(packing, "pack", no_restart)
     trainer, batch = _dpo(tmp_path, tiny_tokenizer, ["sigmoid"])
@@ -249,3 +274,19 @@ def test_padding_free_is_on_by_default_in_both_stages_and_trls_switch_is_refused
     with pytest.raises(ConfigError, match="top-level padding_free"):
         load_config(policy.PolicyStageConfig, ["--config", str(root / "configs/policy/tiny.yaml"), "dpo.padding_free=true"])
     assert padding_free(dict, enabled=False) is dict
+
+
+@pytest.mark.parametrize("one_row", [False, True], ids=["rows", "one-row"])
+def test_packed_hidden_states_equal_padded_in_rows_and_in_one_row(one_row: bool) -> None:
+    """Both layouts (rows as wide as the longest sequence for dense masks; one row for flash attention's variable-length
+    kernels, run here with sdpa) give each real token the hidden state of the padded forward."""
+    backbone = backbone_of(models.load_causal_lm(_entry())).eval()
+    lengths = [9, 3, 17, 5, 12, 2]
+    attention_mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    input_ids = torch.randint(2, 200, attention_mask.shape, generator=torch.Generator().manual_seed(0)) * attention_mask
+    with torch.no_grad():
+        padded = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        packed = packing.packed_forward(backbone.forward, input_ids, attention_mask, one_row).last_hidden_state
+    real = attention_mask.bool()
+    torch.testing.assert_close(packed[real], padded[real], rtol=RELATIVE, atol=1e-5)
+    assert not packed[~real].any()

@@ -134,21 +134,22 @@ def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_hidden_states(original: Callable[..., Any], backbone: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        one_row: bool, kwargs: dict[str, Any]) -> bool:
-    """Packed against padded on the batch's first rows, without gradients and dropout."""
+                        kwargs: dict[str, Any]) -> bool:
+    """Packed against padded on the batch's first rows, without gradients and dropout, in both layouts: the rows
+    (several of them, batch > 1) and one row, which always puts several sequences side by side."""
     rows = slice(0, PROBE_ROWS)
     ids, mask = input_ids[rows], attention_mask[rows]
+    real = mask.bool()
     was_training = backbone.training
     backbone.eval()
     try:
         with torch.no_grad():
-            padded = original(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
-            packed = packed_forward(original, ids, mask, one_row, **kwargs).last_hidden_state
+            padded = original(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state[real]
+            packed = [packed_forward(original, ids, mask, one_row, **kwargs).last_hidden_state[real] for one_row in (False, True)]
     finally:
         backbone.train(was_training)
-    real = mask.bool()
     tolerance = 1e-3 if padded.dtype == torch.float32 else 5e-2  # rounding, not a sequence leaking into another (O(1))
-    return torch.allclose(packed[real].float(), padded[real].float(), rtol=tolerance, atol=tolerance)
+    return all(torch.allclose(layout.float(), padded.float(), rtol=tolerance, atol=tolerance) for layout in packed)
 
 
 def backbone_of(model: Any) -> Any | None:
@@ -221,7 +222,7 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
             attention = getattr(backbone.config, "_attn_implementation", None)
             if attention not in PACKED_ATTENTION:
                 return self._fall_back(f"attention implementation {attention!r} has no packed-sequence support (supported: {', '.join(PACKED_ATTENTION)})")
-            if not _same_hidden_states(original, backbone, input_ids, attention_mask, attention in ONE_ROW_ATTENTION, kwargs):
+            if not _same_hidden_states(original, backbone, input_ids, attention_mask, kwargs):
                 return self._fall_back(f"{type(backbone).__name__} ({attention}) gives other hidden states packed than padded")
             return True
 

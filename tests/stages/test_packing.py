@@ -82,33 +82,39 @@ def _assert_packed_once(shapes: list[tuple[int, ...]], attention_mask: torch.Ten
     assert tuple(attention_mask.shape) not in shapes, shapes
 
 
-def _dpo(tmp_path: Path, tokenizer: Any, loss_type: list[str], lora: bool = False) -> tuple[Any, dict[str, Any]]:
+def _dpo(tmp_path: Path, tokenizer: Any, loss_type: list[str], lora: bool = False, checkpointing: bool = False) -> tuple[Any, dict[str, Any]]:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     config = DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=0.1, per_device_train_batch_size=PAIRS, report_to=[],
-                       use_cpu=True, bf16=False, gradient_checkpointing=False)
+                       use_cpu=True, bf16=False, gradient_checkpointing=checkpointing)
     # With LoRA there is no reference model: TRL runs the policy with its adapters disabled (init_lora_weights=False:
     # adapters that already change the policy, so that the two differ).
     peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False) if lora else None
     trainer = padding_free(DPOTrainer)(model=models.load_causal_lm(_entry()), ref_model=None if lora else models.load_causal_lm(_entry()),
                                        args=config, train_dataset=Dataset.from_list(_pairs()), processing_class=tokenizer,
                                        peft_config=peft_config)
+    if checkpointing:  # what Trainer.train() does first with gradient_checkpointing=True
+        trainer.model.activation_checkpointing_enable()
+        assert trainer.model.is_activation_checkpointing
     batch = trainer.data_collator([trainer.train_dataset[index] for index in range(PAIRS)])
     assert not batch["attention_mask"].all(), "the pairs must need padding, or the comparison shows nothing"
     return trainer, batch
 
 
 @pytest.mark.parametrize(
-    "loss_type, lora", [(["sigmoid"], False), (["sigmoid", "sft"], False), (["ipo"], False), (["sigmoid", "sft"], True)],
-    ids=["sigmoid", "sigmoid+sft", "ipo", "sigmoid+sft-lora"],
+    "loss_type, lora, checkpointing",
+    [(["sigmoid"], False, False), (["sigmoid", "sft"], False, False), (["ipo"], False, False), (["sigmoid", "sft"], True, False),
+     (["sigmoid"], False, True)],
+    ids=["sigmoid", "sigmoid+sft", "ipo", "sigmoid+sft-lora", "sigmoid-checkpointing"],
 )
-def test_dpo_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, loss_type: list[str], lora: bool) -> None:
-    """Policy and reference log-probs from the packed forward: loss and every gradient as TRL's padded step."""
+def test_dpo_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, loss_type: list[str], lora: bool, checkpointing: bool) -> None:
+    """Policy and reference log-probs from the packed forward: loss and every gradient as TRL's padded step (also with
+    LoRA, whose reference is the policy with adapters off, and with gradient checkpointing, TRL's default)."""
     from trl import DPOTrainer
 
-    trainer, batch = _dpo(tmp_path, tiny_tokenizer, loss_type, lora)
+    trainer, batch = _dpo(tmp_path, tiny_tokenizer, loss_type, lora, checkpointing)
     trainer.model.train()
     with _backbone_rows(trainer.model) as policy_shapes:
         if lora:  # one backbone: the policy's forward, then the reference's with adapters off

@@ -171,7 +171,14 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
         return trainer_class
 
     class PaddingFree(trainer_class):  # type: ignore[misc, valid-type]
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # Before TRL's constructor: with precompute_ref_log_probs it already runs compute_ref_log_probs.
+            self._padding_free_off = False  # set by _fall_back: padded batches from then on
+            self._padding_free_checked: dict[int, bool] = {}  # id(backbone) -> packed equals padded on its first batch
+            super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
             with self._packed_backbones():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
@@ -183,11 +190,11 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
 
         @contextmanager
         def _packed_backbones(self) -> Iterator[None]:
-            models = [self.model, getattr(self, "ref_model", None)]
-            backbones = {id(b): b for b in (backbone_of(self.accelerator.unwrap_model(m)) for m in models if m is not None) if b is not None}
+            models = [self.accelerator.unwrap_model(m) for m in (self.model, getattr(self, "ref_model", None)) if m is not None]
+            backbones = {id(b): b for b in map(backbone_of, models) if b is not None}  # one with LoRA and no reference model
             if not backbones:
                 self._fall_back("the model has no backbone under its head (model.base_model)")
-            installed = [] if getattr(self, "_padding_free_off", False) else list(backbones.values())
+            installed = [] if self._padding_free_off else list(backbones.values())
             before = [backbone.__dict__.get("forward") for backbone in installed]  # an instance's own forward, if any
             for backbone in installed:
                 backbone.forward = self._packing_forward(backbone)
@@ -202,12 +209,12 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
 
         def _packing_forward(self, backbone: Any) -> Callable[..., Any]:
             original = backbone.forward
-            checked: dict[int, bool] = self.__dict__.setdefault("_padding_free_checked", {})
+            checked = self._padding_free_checked
 
             def forward(input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None, inputs_embeds: Any = None,
                         **kwargs: Any) -> Any:
                 call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
-                if getattr(self, "_padding_free_off", False) or not _packable(input_ids, attention_mask, position_ids, inputs_embeds, kwargs):
+                if self._padding_free_off or not _packable(input_ids, attention_mask, position_ids, inputs_embeds, kwargs):
                     return original(**call, **kwargs)
                 if id(backbone) not in checked:
                     checked[id(backbone)] = self._check_exact(original, backbone, input_ids, attention_mask, _without_cache(kwargs))
@@ -218,17 +225,20 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
 
             return forward
 
-        def _check_exact(self, original: Callable[..., Any], backbone: Any, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]) -> bool:
+        def _check_exact(self, original: Callable[..., Any], backbone: Any, input_ids: Any, attention_mask: Any,
+                         kwargs: dict[str, Any]) -> bool:
             attention = getattr(backbone.config, "_attn_implementation", None)
             if attention not in PACKED_ATTENTION:
-                return self._fall_back(f"attention implementation {attention!r} has no packed-sequence support (supported: {', '.join(PACKED_ATTENTION)})")
+                supported = ", ".join(PACKED_ATTENTION)
+                return self._fall_back(f"attention implementation {attention!r} has no packed-sequence support (supported: {supported})")
             if not _same_hidden_states(original, backbone, input_ids, attention_mask, kwargs):
                 return self._fall_back(f"{type(backbone).__name__} ({attention}) gives other hidden states packed than padded")
             return True
 
         def _fall_back(self, reason: str) -> bool:
-            if not getattr(self, "_padding_free_off", False):
-                print(f"padding_free: {reason}; training on padded batches instead (set padding_free: false to silence this)", flush=True)
+            if not self._padding_free_off:
+                print(f"padding_free: {reason}; training on padded batches instead (set padding_free: false to silence this)",
+                      flush=True)
             self._padding_free_off = True
             return False
 

@@ -132,16 +132,22 @@ def test_dpo_packed_step_equals_padded(tmp_path: Path, tiny_tokenizer: Any, loss
 
 
 def test_dpo_precomputed_reference_log_probs_are_packed(tmp_path: Path, tiny_tokenizer: Any) -> None:
-    """precompute_ref_log_probs: TRL's pass over the data (compute_ref_log_probs) runs packed, same values."""
-    from trl import DPOTrainer
+    """precompute_ref_log_probs: TRL's pass over the data in the constructor (compute_ref_log_probs) runs packed and
+    stores the padded path's values."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
 
-    trainer, batch = _dpo(tmp_path, tiny_tokenizer, ["sigmoid"])
-    with _backbone_rows(trainer.ref_model) as shapes:
-        packed = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    reference = models.load_causal_lm(_entry())
+    config = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=PAIRS, report_to=[], use_cpu=True, bf16=False,
+                       gradient_checkpointing=False, precompute_ref_log_probs=True, precompute_ref_batch_size=PAIRS)
+    with _backbone_rows(reference) as shapes:
+        trainer = padding_free(DPOTrainer)(model=models.load_causal_lm(_entry()), ref_model=reference, args=config,
+                                           train_dataset=Dataset.from_list(_pairs()), processing_class=tiny_tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[index] for index in range(PAIRS)])  # the pass's first batch
     _assert_packed_once(shapes, batch["attention_mask"])
-    padded = DPOTrainer.compute_ref_log_probs(trainer, trainer.ref_model, batch)
-    for packed_logps, padded_logps in zip(packed, padded):
-        torch.testing.assert_close(packed_logps, padded_logps, rtol=RELATIVE, atol=1e-6)
+    padded_chosen, padded_rejected = DPOTrainer.compute_ref_log_probs(trainer, reference, batch)
+    torch.testing.assert_close(batch["ref_chosen_logps"], padded_chosen, rtol=RELATIVE, atol=1e-6)
+    torch.testing.assert_close(batch["ref_rejected_logps"], padded_rejected, rtol=RELATIVE, atol=1e-6)
 
 
 def test_a_pair_never_attends_to_another(tmp_path: Path, tiny_tokenizer: Any) -> None:

@@ -14,7 +14,8 @@ How attention stays within a sequence: transformers 5 reads packed sequences fro
 restart at 0 (`masking_utils.find_packed_sequence_indices`), only when the 2-D attention mask is None and
 there is no KV cache, so the packed call passes `attention_mask=None, use_cache=False` (with a cache the
 positions are ignored and the sequences attend to each other). For sdpa and eager attention it then builds a
-block-diagonal causal mask; flash attention reads the same positions as variable-length sequences. A right-
+block-diagonal causal mask (checked here, on CPU, with the tiny Llama); flash attention reads the same
+positions as variable-length sequences (not run here: no GPU; the first-batch check below covers it). A right-
 padded row's tokens sit at positions 0..n-1 in the padded forward too, so each real token sees the same
 tokens at the same positions: the two paths agree to fp32 rounding (tests/stages/test_packing.py).
 
@@ -38,6 +39,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from stages.core.errors import UserError
+
 # Attention implementations for which transformers 5 builds per-sequence attention from restarting positions.
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 # Variable-length kernels: attention cost linear in the tokens, so the whole batch goes in one row. The others
@@ -46,8 +49,8 @@ ONE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3")
 PROBE_ROWS = 4  # rows of the first batch compared packed against padded, per backbone
 
 
-class PackingError(ValueError):
-    """A batch the packed forward cannot reproduce exactly (left padding)."""
+class PackingError(UserError, ValueError):
+    """A batch the packed forward cannot reproduce exactly (left padding, from a data collator of the user's)."""
 
 
 @dataclass

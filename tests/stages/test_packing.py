@@ -288,11 +288,15 @@ def test_padding_free_is_on_by_default_in_both_stages_and_trls_switch_is_refused
     assert padding_free(dict, enabled=False) is dict
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("one_row", [False, True], ids=["rows", "one-row"])
-def test_packed_hidden_states_equal_padded_in_rows_and_in_one_row(one_row: bool) -> None:
+def test_packed_hidden_states_equal_padded_in_rows_and_in_one_row(one_row: bool, attention: str) -> None:
     """Both layouts (rows as wide as the longest sequence for dense masks; one row for flash attention's variable-length
-    kernels, run here with sdpa) give each real token the hidden state of the padded forward."""
-    backbone = backbone_of(models.load_causal_lm(_entry())).eval()
+    kernels, run here with sdpa and eager) give each real token the hidden state of the padded forward."""
+    model = models.load_causal_lm(_entry())
+    model.set_attn_implementation(attention)
+    backbone = backbone_of(model).eval()
+    assert backbone.config._attn_implementation == attention
     lengths = [9, 3, 17, 5, 12, 2]
     attention_mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
     input_ids = torch.randint(2, 200, attention_mask.shape, generator=torch.Generator().manual_seed(0)) * attention_mask

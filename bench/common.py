@@ -1,8 +1,8 @@
 """What every arm shares: the two benchmark models, the data, and the measurements.
 
 Imported by arms running under both virtual environments (ours, and bench/.venv-trl111 for TRL 1.11's
-PPO), so importing it loads only torch, transformers, datasets and yaml; `trainer_class` imports
-`stages.data.batching` when it is called, which only our arms do.
+PPO), so importing it loads only torch, transformers, datasets and yaml; `trainer_class`, `pair_trainer_class`
+and `BackbonePositions` import `stages.data` modules when they are called, which only our arms do.
 """
 
 from __future__ import annotations
@@ -52,6 +52,29 @@ def trainer_class(trl_class: type, settings: dict[str, Any]) -> type:
     from stages.data.batching import length_grouped
 
     return length_grouped(trl_class, settings.pop("length_grouping", 0))
+
+
+def pair_trainer_class(trl_class: type, settings: dict[str, Any]) -> type:
+    """The reward or DPO trainer an arm runs: `trainer_class`, and pops `padding_free` (ours, not TRL's: the stages'
+    top-level key, stages/data/packing.py) and applies it as the reward and policy stages do."""
+    from stages.data.packing import padding_free
+
+    return padding_free(trainer_class(trl_class, settings), settings.pop("padding_free", False))
+
+
+class BackbonePositions:
+    """Positions the model's backbone embeds in training forwards: the padded batch's, or with padding_free the
+    packed rows' (their filler included). TokenCounter sees the collated batch, padded either way."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from stages.data.packing import backbone_of
+
+        self.positions = 0
+        self.handle = backbone_of(model).get_input_embeddings().register_forward_pre_hook(self._count)
+
+    def _count(self, module: Any, args: tuple) -> None:
+        if torch.is_grad_enabled():  # the reference's and the first-batch check's forwards run without gradients
+            self.positions += args[0].numel()
 
 
 def model_config(size: str, **extra: Any) -> Any:

@@ -5,6 +5,8 @@ Arms (one epoch over the same pairs; policy and an explicit reference model, as 
 - ours: the `dpo:` section of configs/policy/tiny.yaml (batch 32, checkpointing off, sigmoid + SFT loss);
 - ours+precompute: the same with precompute_ref_log_probs=True: one no-grad reference pass over the data in
   the trainer's constructor, then no reference forward per step.
+ours and ours+precompute run padding-free pairs, as the stage does by default (`padding_free: true`,
+stages/data/packing.py); ours+padded is ours with `padding_free: false` (TRL's padded batches).
 Timed: constructor (tokenisation, and the precompute where on) + `trainer.train()`; both are reported.
 """
 
@@ -24,8 +26,9 @@ def our_settings() -> dict[str, Any]:
 
 ARM_SETTINGS = {
     "trl_defaults": lambda: {"bf16": False, "use_cpu": True},
-    "ours": our_settings,
-    "ours+precompute": lambda: our_settings() | {"precompute_ref_log_probs": True},
+    "ours": lambda: our_settings() | {"padding_free": True},  # the stage's default
+    "ours+precompute": lambda: our_settings() | {"padding_free": True, "precompute_ref_log_probs": True},
+    "ours+padded": lambda: our_settings() | {"padding_free": False},
 }
 
 
@@ -34,10 +37,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     settings = ARM_SETTINGS[params["arm"]]()
-    trainer_class = common.trainer_class(DPOTrainer, settings)  # takes length_grouping out of settings
+    trainer_class = common.pair_trainer_class(DPOTrainer, settings)  # takes length_grouping and padding_free out of settings
     model, reference = common.causal_lm(params["model"], seed=0), common.causal_lm(params["model"], seed=0)
     rows = common.preference_rows(params["pairs"], seed=0)
-    counter = common.TokenCounter(model)
+    counter, embedded = common.TokenCounter(model), common.BackbonePositions(model)
     with tempfile.TemporaryDirectory() as output_dir:
         with common.Timer() as setup:
             args = DPOConfig(output_dir=output_dir, report_to=[], save_strategy="no", num_train_epochs=1, seed=0,
@@ -53,7 +56,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "cpu_seconds": setup.cpu_seconds + timer.cpu_seconds,
         "setup_seconds": setup.seconds,
         "train_seconds": timer.seconds,
-        "padding_waste": 1 - counts["real_tokens"] / counts["positions"],
+        "padding_waste": 1 - counts["real_tokens"] / embedded.positions,  # padding, or the packed rows' filler
         "optimizer_steps": trainer.state.global_step,
         "work": {"pairs": counts["sequences"] / 2, "real_tokens": counts["real_tokens"]},
         "counts": counts,

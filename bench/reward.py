@@ -3,7 +3,9 @@
 Arms (one epoch over the same pairs, same init): trl_defaults = `RewardConfig()` (batch 8, gradient
 checkpointing on) with bf16=False and use_cpu=True; ours = the `train:` section of configs/reward/tiny.yaml
 (batch 32, checkpointing off). Both arms train the classifier head: this compares trainer settings, not
-the config's `head: likelihood` (reward/likelihood.py). Timed: `trainer.train()`.
+the config's `head: likelihood` (reward/likelihood.py). ours runs padding-free pairs, as the stage does by default
+(`padding_free: true`, stages/data/packing.py); ours+padded is ours with `padding_free: false`.
+Timed: `trainer.train()`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ def our_settings() -> dict[str, Any]:
     return common.stage_settings("reward/tiny.yaml", "train", SCHEDULE_KEYS)
 
 
-ARM_SETTINGS = {"trl_defaults": lambda: {"bf16": False, "use_cpu": True}, "ours": our_settings}
+ARM_SETTINGS = {
+    "trl_defaults": lambda: {"bf16": False, "use_cpu": True},
+    "ours": lambda: our_settings() | {"padding_free": True},  # the stage's default
+    "ours+padded": lambda: our_settings() | {"padding_free": False},
+}
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +34,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
 
     settings = ARM_SETTINGS[params["arm"]]()
-    trainer_class = common.trainer_class(RewardTrainer, settings)  # takes length_grouping out of settings
+    trainer_class = common.pair_trainer_class(RewardTrainer, settings)  # takes length_grouping and padding_free out of settings
     model = common.classifier(params["model"], seed=0)
     tokenizer = common.tokenizer()
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token (as the stage does)
@@ -38,7 +44,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
             args = RewardConfig(output_dir=output_dir, report_to=[], save_strategy="no", num_train_epochs=1, seed=0,
                                 disable_tqdm=True, **settings)
             trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-        counter = common.TokenCounter(model)
+        counter, embedded = common.TokenCounter(model), common.BackbonePositions(model)
         with common.Timer() as timer:
             trainer.train()
     counts = counter.summary()
@@ -47,7 +53,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "seconds": timer.seconds,
         "cpu_seconds": timer.cpu_seconds,
         "setup_seconds": setup.seconds,
-        "padding_waste": 1 - counts["real_tokens"] / counts["positions"],
+        "padding_waste": 1 - counts["real_tokens"] / embedded.positions,  # padding, or the packed rows' filler
         "optimizer_steps": trainer.state.global_step,
         "work": {"pairs": counts["sequences"] / 2, "real_tokens": counts["real_tokens"]},
         "counts": counts,

@@ -1,7 +1,8 @@
 """The policy stage's algorithms: each takes one `PolicyInputs` and returns one `PolicyOutcome`.
 
 - dpo: trl.DPOTrainer with an explicitly loaded reference (the SFT model; with LoRA, the actor with
-  adapters disabled), `dpo.loss_type`/`dpo.beta` from config;
+  adapters disabled), `dpo.loss_type`/`dpo.beta` from config, padding-free pairs unless `padding_free: false`
+  (stages/data/packing.py);
 - ppo: our PPO trainer (stages/ppo): actor and reference from SFT, reward model from stage 2, critic
   initialised from the reward model;
 - grpo / rloo: TRL's trainers with the stage-2 reward model as reward function;
@@ -24,7 +25,7 @@ from stages.core import tracking
 from stages.core.config import ConfigError
 from reward.functions import RewardFunctions, RewardFunctionSpec, bind_columns, call
 from stages.core.protocols import as_trl_reward
-from stages.data import batching, mixture
+from stages.data import batching, mixture, packing
 from stages.lifecycle import StageRun
 
 if TYPE_CHECKING:
@@ -59,7 +60,9 @@ def train_dpo(inputs: PolicyInputs) -> PolicyOutcome:
     from trl import DPOConfig, DPOTrainer
 
     config, stage = inputs.config, inputs.stage
-    trainer = batching.length_grouped(DPOTrainer, config.length_grouping)(
+    # padding_free: policy and reference run each batch's sequences in one row (stages/data/packing.py).
+    trainer_class = packing.padding_free(batching.length_grouped(DPOTrainer, config.length_grouping), config.padding_free)
+    trainer = trainer_class(
         model=inputs.policy,
         ref_model=inputs.reference,  # None with LoRA: TRL then uses the adapter-disabled policy
         args=trainers.trl_args(DPOConfig, stage, config, config.dpo),
@@ -68,7 +71,8 @@ def train_dpo(inputs: PolicyInputs) -> PolicyOutcome:
         processing_class=inputs.tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )
-    return _train_trl(trainer, inputs, config.dpo, ("loss_type", "beta", "learning_rate", "num_train_epochs"))
+    card_keys = ("loss_type", "beta", "learning_rate", "num_train_epochs", "padding_free")
+    return _train_trl(trainer, inputs, config.dpo | {"padding_free": config.padding_free}, card_keys)
 
 
 def train_kto(inputs: PolicyInputs) -> PolicyOutcome:

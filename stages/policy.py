@@ -75,6 +75,11 @@ class PolicyStageConfig(StageConfig):
     verifiable_reward: bool | None = field(default=None, metadata={"help": "Replaced by reward_functions: [{name: exact_answer}]; setting it is an error."})
     drop_malformed: bool = field(default=False, metadata={"help": "Skip malformed preference pairs (KTO: feedback rows) with a count."})
     dpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.DPOConfig arguments."})
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "DPO: run each batch's chosen and rejected sequences, policy and reference, in one row without padding "
+                          "(same loss and gradients; stages/data/packing.py); false: TRL's padded batches."},
+    )
     grpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.GRPOConfig arguments."})
     rloo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.RLOOConfig arguments."})
     kto: dict[str, Any] = field(
@@ -90,6 +95,9 @@ class PolicyStageConfig(StageConfig):
 
         for section, trl_class in (("dpo", DPOConfig), ("grpo", GRPOConfig), ("rloo", RLOOConfig), ("kto", KTOConfig)):
             setattr(self, section, trainers.check_trl_section(trl_class, getattr(self, section), section, "policy config"))
+        if "padding_free" in self.dpo:
+            raise ConfigError("dpo.padding_free is TRL's own switch, which TRL 1.16 turns off with a warning; "
+                              "use the top-level padding_free (ours, on by default)")
         if self.verifiable_reward is not None:
             raise ConfigError("verifiable_reward was replaced by reward functions: write `reward_functions: [{name: exact_answer}]` "
                               "for verifiable_reward: true, and nothing for false")

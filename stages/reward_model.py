@@ -6,8 +6,9 @@ centring), optional LoRA with the score head trained in full. `head: likelihood`
 response by its log-likelihood under a copy of the SFT model trained with the same loss
 (reward/likelihood.py says why the embedded default uses it). The embedded data pairs the correct
 answer against the SFT model's own sampled mistakes (on-policy negatives) or, where it was right, a
-plausible corruption. Evaluation is on held-out pairs: prompts from the eval split, negatives
-sampled afresh. The RM keeps the policy's tokenizer and chat template, checked before training.
+plausible corruption. Each batch's chosen and rejected sequences run in one row without padding
+(`padding_free`, stages/data/packing.py; same loss and gradients). Evaluation is on held-out pairs:
+prompts from the eval split, negatives sampled afresh. The RM keeps the policy's tokenizer and chat template, checked before training.
 
 Run:
     rlhf reward --config configs/reward/tiny.yaml [key=value ...]
@@ -28,7 +29,7 @@ from stages import data, evaluation, generation, trainers
 from stages.core import distributed, models
 from stages.core.config import ConfigError
 from stages.core.registry import Registry
-from stages.data import batching, mixture
+from stages.data import batching, mixture, packing
 from stages.core.errors import run_main
 from stages.lifecycle import StageConfig, StageRun, base_name, parse_args
 from stages.tasks.pairs import embedded_pairs
@@ -64,6 +65,11 @@ class RewardStageConfig(StageConfig):
         default=True,
         metadata={"help": "Train with the margins of scored pairs (score or rating difference); pairs of unscored sources get margin 0. "
                   "false: plain Bradley-Terry on every pair."},
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Run each batch's chosen and rejected sequences in one row without padding (same loss and gradients, "
+                          "either head; stages/data/packing.py); false: TRL's padded batches."},
     )
     heldout_pairs: int = field(default=500, metadata={"help": "Held-out pairs for the evaluation."})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.RewardConfig arguments (checked against its fields)."})
@@ -144,7 +150,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         # -- trainer ---------------------------------------------------------------------------
         from trl import RewardConfig, RewardTrainer
 
-        trainer_class = likelihood.with_chosen_nll(RewardTrainer, config.chosen_nll_coefficient)
+        trainer_class = packing.padding_free(likelihood.with_chosen_nll(RewardTrainer, config.chosen_nll_coefficient), config.padding_free)
         trainer = batching.length_grouped(trainer_class, config.length_grouping)(
             model=model,
             args=trainers.trl_args(RewardConfig, stage, config, config.train),
@@ -192,7 +198,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
         stage.card = {
             "base": base_name(base),
             "data": f"{len(pairs)} preference pairs (fingerprint {dataset_fingerprint})",
-            "config": {"head": config.head, "chosen_nll_coefficient": config.chosen_nll_coefficient}
+            "config": {"head": config.head, "chosen_nll_coefficient": config.chosen_nll_coefficient, "padding_free": config.padding_free}
             | {k: config.train.get(k) for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "center_rewards_coefficient")},
             "steps": trainer.state.global_step,
             # A likelihood-head RM is a plain causal LM; reward.models.load_reward reads it as a reward model.

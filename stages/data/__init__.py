@@ -10,7 +10,9 @@
 - `feedback`: unpaired feedback for KTO (prompt/completion/label, TRL's format), pairs unpaired;
 - `mixture`: how many rows each source gives (fixed counts or weights), drawn deterministically, and
   the realised mixture report;
-- `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`).
+- `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`);
+- `packing`: padding-free preference pairs for TRL's DPO and reward trainers (`padding_free`): each batch's
+  sequences run through the model's backbone in one row, same loss and gradients as padded.
 
 May import: `stages.core`, `stages.tasks` (the embedded source) and third-party packages; nothing above
 (checked by import-linter). The package re-exports `formats` and `preferences`, so `from stages import data;

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
-from stages.core import checkpoints
+from stages.core.checkpoints import scale_adapters
 from stages.ppo.engine import barrier
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def export_model(trainer: PPOTrainer, path: str | os.PathLike, overwrite: bool =
             shutil.rmtree(temporary, ignore_errors=True)
             if trainer.is_peft:
                 model = copy.deepcopy(trainer.actor)
-                checkpoints.scale_adapters(model, merge_scale)
+                scale_adapters(model, merge_scale)
                 model = model.merge_and_unload()
             else:
                 model = trainer.actor

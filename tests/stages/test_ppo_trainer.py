@@ -327,6 +327,15 @@ def test_save_model_writes_a_loadable_checkpoint_with_merged_adapters(tokenizer,
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, actor(ids).logits, atol=1e-5, rtol=0)
+    # lora.merge_scale: half of the adapters' update merged; the actor itself keeps its adapters as trained.
+    trainer.save_model(tmp_path / "half", merge_scale=0.5)
+    start, full = actor.get_base_model().state_dict(), reloaded.state_dict()
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "half").state_dict()
+    name = next(key for key in full if "q_proj.weight" in key)
+    base_name = name.replace("q_proj.weight", "q_proj.base_layer.weight")
+    torch.testing.assert_close(half[name] - start[base_name], 0.5 * (full[name] - start[base_name]), atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "final")(ids).logits, actor(ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

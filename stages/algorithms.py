@@ -60,7 +60,7 @@ def train_dpo(inputs: PolicyInputs) -> PolicyOutcome:
     from trl import DPOConfig, DPOTrainer
 
     config, stage = inputs.config, inputs.stage
-    # padding_free: policy and reference run each batch's sequences in one row (stages/data/packing.py).
+    # padding_free: policy and reference run each batch's sequences packed without padding (stages/data/packing.py).
     trainer_class = packing.padding_free(batching.length_grouped(DPOTrainer, config.length_grouping), config.padding_free)
     trainer = trainer_class(
         model=inputs.policy,

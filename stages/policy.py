@@ -77,7 +77,7 @@ class PolicyStageConfig(StageConfig):
     dpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.DPOConfig arguments."})
     padding_free: bool = field(
         default=True,
-        metadata={"help": "DPO: run each batch's chosen and rejected sequences, policy and reference, in one row without padding "
+        metadata={"help": "DPO: run each batch's chosen and rejected sequences, policy and reference, packed without padding "
                           "(same loss and gradients; stages/data/packing.py); false: TRL's padded batches."},
     )
     grpo: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.GRPOConfig arguments."})

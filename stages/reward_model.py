@@ -6,7 +6,7 @@ centring), optional LoRA with the score head trained in full. `head: likelihood`
 response by its log-likelihood under a copy of the SFT model trained with the same loss
 (reward/likelihood.py says why the embedded default uses it). The embedded data pairs the correct
 answer against the SFT model's own sampled mistakes (on-policy negatives) or, where it was right, a
-plausible corruption. Each batch's chosen and rejected sequences run in one row without padding
+plausible corruption. Each batch's chosen and rejected sequences run packed without padding
 (`padding_free`, stages/data/packing.py; same loss and gradients). Evaluation is on held-out pairs:
 prompts from the eval split, negatives sampled afresh. The RM keeps the policy's tokenizer and chat template, checked before training.
 
@@ -68,7 +68,7 @@ class RewardStageConfig(StageConfig):
     )
     padding_free: bool = field(
         default=True,
-        metadata={"help": "Run each batch's chosen and rejected sequences in one row without padding (same loss and gradients, "
+        metadata={"help": "Run each batch's chosen and rejected sequences packed without padding (same loss and gradients, "
                           "either head; stages/data/packing.py); false: TRL's padded batches."},
     )
     heldout_pairs: int = field(default=500, metadata={"help": "Held-out pairs for the evaluation."})

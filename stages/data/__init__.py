@@ -12,7 +12,7 @@
   the realised mixture report;
 - `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`);
 - `packing`: padding-free preference pairs for TRL's DPO and reward trainers (`padding_free`): each batch's
-  sequences run through the model's backbone in one row, same loss and gradients as padded.
+  sequences run through the model's backbone packed without padding, same loss and gradients as padded.
 
 May import: `stages.core`, `stages.tasks` (the embedded source) and third-party packages; nothing above
 (checked by import-linter). The package re-exports `formats` and `preferences`, so `from stages import data;

@@ -219,12 +219,13 @@ def padding_free(trainer_class: type, enabled: bool = True) -> type:
                 call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
                 if self._padding_free_off or not _packable(input_ids, attention_mask, position_ids, inputs_embeds, kwargs):
                     return original(**call, **kwargs)
+                rest = _without_cache(kwargs)
                 if id(backbone) not in checked:
-                    checked[id(backbone)] = self._check_exact(original, backbone, input_ids, attention_mask, _without_cache(kwargs))
+                    checked[id(backbone)] = self._check_exact(original, backbone, input_ids, attention_mask, rest)
                 if not checked[id(backbone)]:
                     return original(**call, **kwargs)
                 one_row = backbone.config._attn_implementation in ONE_ROW_ATTENTION
-                return packed_forward(original, input_ids, attention_mask, one_row, **_without_cache(kwargs))
+                return packed_forward(original, input_ids, attention_mask, one_row, **rest)
 
             return forward
 

@@ -10,7 +10,8 @@ plain full attention (sliding windows...) keep `model.generate`, in fixed batche
 Under the deepspeed launcher `generate` is collective: every rank calls it, answers its share of the
 prompts (core.distributed.map_shards) and gets every answer. Each sampled prompt draws from a generator
 seeded by (seed, its index in the caller's list) (`batch_seed`), so on-policy samples are the same at any
-number of ranks and any batch size.
+number of ranks and any batch size. `generate_ids` is the same loop on one process's token ids, not
+collective: our PPO's rollout samples its own prompts with it.
 
 May import: `stages.core` and torch; nothing above (checked by import-linter).
 """
@@ -64,9 +65,7 @@ def batch_seed(seed: int, batch_index: int) -> int:
 @contextmanager
 def batch_rng(model: Any, seed: int, batch_index: int) -> Iterator[None]:
     """The global RNG (CPU, and the model's GPU) seeded for one batch, and restored afterwards."""
-    device = model.device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(batch_seed(seed, batch_index))
+    with _seeded(model, batch_seed(seed, batch_index)):
         yield
 
 
@@ -193,43 +192,74 @@ def _generate_share(
     do_sample: bool, temperature: float, seed: int, stop_token_ids: list[int] | None, max_batch_tokens: int | None,
     on_finished: Any,
 ) -> list[str]:
-    """Prompts (token ids; `indices`: their places in the caller's list, which seed their samples) answered by
-    continuous batching, or by `model.generate` in fixed batches where our cache does not fit the model."""
+    """One process's prompts (token ids; `indices`: their places in the caller's list, which seed their samples)
+    answered and decoded."""
+    seeds = [batch_seed(seed, index) for index in indices] if do_sample else None
+    answers = generate_ids(model, token_ids, max_new_tokens, batch_size, tokenizer.pad_token_id,
+                           stop_token_ids or _as_list(tokenizer.eos_token_id), seeds, temperature,
+                           max_batch_tokens=max_batch_tokens, on_finished=on_finished)
+    return tokenizer.batch_decode(answers, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: Any, token_ids: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int, stop_ids: list[int],
+    seeds: list[int] | None = None, temperature: float = 1.0, top_p: float = 1.0, max_batch_tokens: int | None = None,
+    on_finished: Any = None,
+) -> list[list[int]]:
+    """Each prompt's new token ids (up to and including its stop token), in the order of `token_ids`, which is the
+    order they join the batch. Not collective: this process's prompts only (our PPO's rollout; `generate` deals
+    prompts to ranks and calls this). Greedy when `seeds` is None; sampled, prompt i draws from a generator seeded
+    `seeds[i]`, from softmax(logits / temperature) cut to its `top_p` nucleus.
+
+    Continuous batching (stages.core.continuous), or `model.generate` in fixed batches where our cache does not fit
+    the model (each batch's draws then seeded by its first prompt's seed: there the samples depend on the batching)."""
     was_training = model.training
     model.eval()
     try:
-        stop_ids = stop_token_ids or _as_list(tokenizer.eos_token_id)
         sampling = None
-        if do_sample:
-            generators = [torch.Generator(device=model.device).manual_seed(batch_seed(seed, index)) for index in indices]
-            sampling = continuous.Sampling(generators, temperature)
-        answers = continuous.decode(model, token_ids, max_new_tokens, stop_ids, batch_size, tokenizer.pad_token_id, sampling,
+        if seeds is not None:
+            generators = [torch.Generator(device=model.device).manual_seed(prompt_seed) for prompt_seed in seeds]
+            sampling = continuous.Sampling(generators, temperature, top_p)
+        answers = continuous.decode(model, token_ids, max_new_tokens, stop_ids, batch_size, pad_id, sampling,
                                     max_batch_tokens=max_batch_tokens, on_finished=on_finished)
-        if answers is None:  # a cache layout our loop does not reproduce (sliding windows...): transformers' loop
-            answers = []
-            for chunk in _length_sorted_chunks([len(ids) for ids in token_ids], batch_size, max_batch_tokens):
-                ids, mask = left_pad([token_ids[position] for position in chunk], tokenizer.pad_token_id, model.device)
-                # Sampled: each batch seeded by its first prompt's index, so here the samples depend on the batching.
-                with batch_rng(model, seed, indices[chunk[0]]):
-                    answers += _plain_generate(model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens, stop_ids,
-                                               do_sample, temperature, tokenizer.pad_token_id)
-                if on_finished is not None:
-                    on_finished(len(chunk))
-        return tokenizer.batch_decode(answers, skip_special_tokens=True)
+        if answers is not None:
+            return answers
+        answers = []  # a cache layout our loop does not reproduce (sliding windows...): transformers' loop
+        for chunk in _length_sorted_chunks([len(ids) for ids in token_ids], batch_size, max_batch_tokens):
+            ids, mask = left_pad([token_ids[position] for position in chunk], pad_id, model.device)
+            with _seeded(model, None if seeds is None else seeds[chunk[0]]):
+                answers += _plain_generate(model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens, stop_ids,
+                                           seeds is not None, temperature, pad_id, top_p)
+            if on_finished is not None:
+                on_finished(len(chunk))
+        return answers
     finally:
         model.train(was_training)
 
 
+@contextmanager
+def _seeded(model: Any, seed: int | None) -> Iterator[None]:
+    """The global RNG (CPU, and the model's GPU) seeded with `seed` and restored afterwards; nothing when None."""
+    if seed is None:
+        yield
+        return
+    device = model.device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _plain_generate(
     model: Any, batch: dict[str, torch.Tensor], max_new_tokens: int, stop_ids: list[int], do_sample: bool,
-    temperature: float, pad_token_id: int,
+    temperature: float, pad_token_id: int, top_p: float = 1.0,
 ) -> list[list[int]]:
     output = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature if do_sample else None,
-        top_p=None,
+        top_p=top_p if do_sample and top_p < 1.0 else None,
         top_k=None,
         pad_token_id=pad_token_id,
         eos_token_id=stop_ids,

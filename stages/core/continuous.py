@@ -42,10 +42,12 @@ PREFILL_TOKENS = 2048
 
 @dataclass
 class Sampling:
-    """Sampled decoding: `generators[i]` draws prompt i's noise (on the model's device)."""
+    """Sampled decoding: `generators[i]` draws prompt i's noise (on the model's device); `top_p` below 1 samples from
+    the nucleus: the most likely tokens whose probabilities first reach `top_p` (transformers' TopPLogitsWarper)."""
 
     generators: list[torch.Generator]
     temperature: float = 1.0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -203,13 +205,24 @@ def _merge(running: _Rows, joining: _Rows, max_new_tokens: int) -> _Rows:
 
 def _next_tokens(logits: torch.Tensor, sampling: Sampling | None, prompts: torch.Tensor) -> torch.Tensor:
     """Greedy: the argmax. Sampled: a draw from softmax(logits / temperature), as `torch.multinomial(probs, 1)`
-    computes it (the argmax of probs / Exp(1) noise), each row's noise from its prompt's own generator."""
+    computes it (the argmax of probs / Exp(1) noise), each row's noise from its prompt's own generator; with
+    `top_p` < 1 from that distribution cut to its nucleus (zeroing the rest; renormalising would not move the argmax)."""
     if sampling is None:
         return logits.argmax(dim=-1)
     temperature = sampling.temperature
     probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # (rows, vocab)
+    if sampling.top_p < 1.0:
+        probs = _nucleus(probs, sampling.top_p)
     noise = torch.stack([
         torch.empty(probs.shape[-1], device=probs.device).exponential_(1, generator=sampling.generators[prompt])
         for prompt in prompts.tolist()
     ])
     return (probs / noise).argmax(dim=-1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` (rows, vocab) with every token outside its row's nucleus set to 0: a token is kept while the tokens
+    more likely than it hold less than `top_p` (so the most likely token always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above each
+    return probs.scatter(-1, order, sorted_probs.masked_fill(before >= top_p, 0.0))

@@ -1,7 +1,8 @@
 """Our PPO trainer for RLHF (TRL 1.x ships none): InstructGPT-style PPO with a learned critic.
 
 One PPO step (Ouyang et al. 2022; "Secrets of RLHF" part I; "The N implementation details of RLHF with PPO"):
-1. rollout: `batch_size` prompts per process, responses sampled by the actor (KV cache, temperature/top-p);
+1. rollout: `batch_size` prompts per process, responses sampled by the actor (temperature/top-p) with the
+   stages' continuous-batching decode loop (stages.generation.generate_ids), each prompt from its own generator;
    a response ends at its first eos, which counts as one of its tokens;
 2. scoring, one no-grad forward per model: actor and reference log-probs of the response tokens (at the
    sampling temperature), critic values per token, and a sequence score from the reward model (read at the
@@ -190,19 +191,16 @@ class PPOTrainer:
         """Generate responses to the given prompts of this process's shard, score them, estimate advantages."""
         config, pad_id, eos_id = self.config, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         started = time.perf_counter()
-        prompt_ids, prompt_mask = generation.left_pad([self.prompt_token_ids[i] for i in prompt_indices], pad_id, self.device)
+        prompt_tokens = [self.prompt_token_ids[i] for i in prompt_indices]
+        prompt_ids, prompt_mask = generation.left_pad(prompt_tokens, pad_id, self.device)
         prompt_len = prompt_ids.shape[1]
         gathered = engine.gathered_for_generation(
             self.actor, self.trained_actor.engine, self.zero_stage, config.gather_params_for_generation
         )
         with gathered:
-            generated = self.actor.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config,
-                # Un-gathered ZeRO-3 all-gathers at every forward: ranks must run as many forwards as the slowest.
-                synced_gpus=self.zero_stage == 3 and not config.gather_params_for_generation and self.world_size > 1,
-            )
-        response_mask = response_mask_from_eos(generated[:, prompt_len:], eos_id)  # (batch, response_len)
-        response_ids = generated[:, prompt_len:].masked_fill(response_mask == 0, pad_id)
+            generated = self.generate_responses(prompt_tokens, prompt_ids, prompt_mask)
+        response_mask = response_mask_from_eos(generated, eos_id)  # (batch, response_len)
+        response_ids = generated.masked_fill(response_mask == 0, pad_id)
         generation_seconds, started = time.perf_counter() - started, time.perf_counter()
 
         inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
@@ -247,6 +245,23 @@ class PPOTrainer:
             advantages=advantages, returns=returns, generation_seconds=generation_seconds,
             scoring_seconds=time.perf_counter() - started, proxy_scores=proxy_scores, gold_scores=gold_scores,
         )
+
+    def generate_responses(self, prompt_tokens: list[list[int]], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Sampled responses to the prompts (token lists, and the same left padded), (batch, longest response),
+        right padded. Our continuous batching (stages.generation.generate_ids), every prompt drawing from its own
+        generator, seeded from the global RNG (seeded per process; a checkpoint restores it, so a resumed run samples
+        what an uninterrupted one would). Un-gathered ZeRO-3 over several processes keeps `model.generate` with
+        synced_gpus: each forward all-gathers the layers, so every rank must run as many forwards as the slowest."""
+        config, pad_id = self.config, self.tokenizer.pad_token_id
+        if self.zero_stage == 3 and not config.gather_params_for_generation and self.world_size > 1:
+            generated = self.actor.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                            generation_config=self.generation_config, synced_gpus=True)
+            return generated[:, prompt_ids.shape[1]:]
+        seeds = torch.randint(0, 2**62, (len(prompt_tokens),)).tolist()
+        answers = generation.generate_ids(self.actor, prompt_tokens, config.max_new_tokens, len(prompt_tokens), pad_id,
+                                          [self.tokenizer.eos_token_id], seeds, config.temperature, config.top_p)
+        width = max(1, max(len(answer) for answer in answers))
+        return torch.tensor([answer + [pad_id] * (width - len(answer)) for answer in answers], dtype=torch.long, device=self.device)
 
     def _function_scores(self, function: RewardFunction, name: str, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         scores = torch.as_tensor(function(prompts, responses), dtype=torch.float32).to(self.device)

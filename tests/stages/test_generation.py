@@ -180,6 +180,8 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic and its degrees of freedom, tokens expected fewer than 5 times pooled into one cell."""
     expected = probs * counts.sum()
     small = expected < 5
+    if not small.any():
+        return float(((counts - expected) ** 2 / expected).sum()), len(counts) - 1
     observed = torch.cat([counts[~small], counts[small].sum()[None]])
     expected = torch.cat([expected[~small], expected[small].sum()[None]])
     return float(((observed - expected) ** 2 / expected).sum()), len(observed) - 1
@@ -208,6 +210,33 @@ def test_the_first_sampled_token_follows_softmax_of_the_logits_over_the_temperat
     assert statistic < quantile_999(degrees), (statistic, degrees)
     untempered, degrees = _chi_square(counts, torch.softmax(logits.double(), dim=-1))
     assert untempered > 3 * quantile_999(degrees), (untempered, degrees)
+
+
+def test_top_p_samples_from_the_nucleus_of_transformers_top_p_warper(tiny_model, tiny_tokenizer) -> None:  # noqa: ANN001
+    """4,000 first tokens at top_p 0.3 (our PPO's nucleus sampling): never a token that transformers' own
+    TopPLogitsWarper removes, and the kept ones at the frequencies of its renormalised distribution (the chi-square
+    of the temperature test). The same draws against the uncut softmax must fail: the test can tell."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    draws, top_p = 4000, 0.3
+    prompt = generation.encode_prompt(tiny_tokenizer, PROMPTS[1])
+    sampling = continuous.Sampling([torch.Generator().manual_seed(generation.batch_seed(1, i)) for i in range(draws)], 1.0, top_p)
+    answers = continuous.decode(tiny_model, [prompt] * draws, 1, [], 500, tiny_tokenizer.pad_token_id, sampling)
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([prompt])).logits[0, -1].float()
+    nucleus = torch.softmax(TopPLogitsWarper(top_p)(None, logits[None].clone())[0].double(), dim=-1)
+    assert 2 <= int((nucleus > 0).sum()) < 40, "choose a prompt whose nucleus holds a few tokens"
+    counts = torch.bincount(torch.tensor([answer[0] for answer in answers]), minlength=logits.shape[-1]).double()
+    assert counts[nucleus == 0].sum() == 0
+
+    def quantile_999(k: int) -> float:
+        return k * (1 - 2 / (9 * k) + 3.09 * (2 / (9 * k)) ** 0.5) ** 3
+
+    kept = nucleus > 0
+    statistic, degrees = _chi_square(counts[kept], nucleus[kept])
+    assert statistic < quantile_999(degrees), (statistic, degrees)
+    uncut, degrees = _chi_square(counts, torch.softmax(logits.double(), dim=-1))
+    assert uncut > 3 * quantile_999(degrees), (uncut, degrees)
 
 
 def test_models_with_sliding_window_layers_keep_transformers_loop() -> None:

@@ -96,10 +96,7 @@ def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path
                            model_config=model_config)
     forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, 41, 42, 43, 44], [40, 41, 42, 43, eos]])
 
-    def fake_generate(input_ids, attention_mask, **kwargs):
-        return torch.cat([input_ids, forced], dim=1)
-
-    trainer.actor.generate = fake_generate
+    trainer.generate_responses = lambda prompt_tokens, prompt_ids, prompt_mask: forced
     indices = [0, 4, 8, 2]  # prompt lengths differ: 1, 5, 9, 3 "q"s
     rollout = trainer.rollout(indices)
     expected_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.float32)
@@ -129,6 +126,38 @@ def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path
         torch.testing.assert_close(rollout.rewards[row, length - 1], rollout.raw_scores[row], atol=1e-6, rtol=0)
 
 
+def test_rollout_samples_with_the_shared_decode_loop(tokenizer, tmp_path):
+    """The rollout samples through stages.generation.generate_ids (continuous batching). At a top_p so small that
+    the nucleus is the most likely token alone, every row's response is the greedy answer of `model.generate` on
+    its prompt alone (prompts of different lengths, so rows are left padded against each other); and the same
+    global seed draws the same responses at temperature 1, another seed others."""
+    actor = causal_lm(0)
+    with torch.no_grad():  # scaled, the random model's greedy tokens vary from step to step (see test_generation.py)
+        for parameter in actor.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(4)
+    trainer = make_trainer(tokenizer, tmp_path, actor=actor, batch_size=6, mini_batch_size=3, max_new_tokens=8, temperature=0.7, top_p=1e-6)
+    indices = [0, 4, 8, 2, 5, 1]
+    rollout = trainer.rollout(indices)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for row, index in enumerate(indices):
+        prompt = torch.tensor([trainer.prompt_token_ids[index]])
+        with torch.no_grad():
+            greedy = actor.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=pad)[0, prompt.shape[1]:].tolist()
+        length = int(rollout.response_mask[row].sum())
+        assert rollout.response_ids[row, :length].tolist() == greedy[:length], row
+        assert length == len(greedy) or greedy[length - 1] == eos
+    assert len({tuple(ids) for ids in rollout.response_ids.tolist()}) > 1
+
+    trainer = make_trainer(tokenizer, tmp_path / "sampled", actor=actor, batch_size=6, mini_batch_size=3, max_new_tokens=8)
+    draws = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        draws.append(trainer.rollout(indices).response_ids.tolist())
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
 def test_rollout_reads_a_likelihood_reward_model_at_each_sequence_end(tokenizer, tmp_path):
     """With a likelihood-head reward model (reward/likelihood.py), each row's score in the left-padded rollout
     equals that model's own forward on the row alone, counted from the end of the prompt: the log-likelihood
@@ -140,7 +169,7 @@ def test_rollout_reads_a_likelihood_reward_model_at_each_sequence_end(tokenizer,
     eos, junk = tokenizer.eos_token_id, 69
     marker = tokenizer.convert_tokens_to_ids("<|assistant|>")
     forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, marker, 42, 43, 44], [40, 41, 42, 43, eos]])
-    trainer.actor.generate = lambda input_ids, attention_mask, **kwargs: torch.cat([input_ids, forced], dim=1)
+    trainer.generate_responses = lambda prompt_tokens, prompt_ids, prompt_mask: forced
     indices = [0, 4, 8, 2]
     rollout = trainer.rollout(indices)
     for row, (index, length) in enumerate(zip(indices, [3, 1, 5, 5])):
@@ -186,7 +215,7 @@ def test_scores_normalised_clipped_and_penalised_without_eos(tokenizer, tmp_path
                            batch_size=4, mini_batch_size=2, max_new_tokens=3, reward_normalisation="batch", reward_clip=1.0,
                            missing_eos_penalty=0.5)
     forced = torch.tensor([[40, eos, 0], [eos, 0, 0], [40, 41, 42], [40, 41, eos]])
-    trainer.actor.generate = lambda input_ids, attention_mask, **kwargs: torch.cat([input_ids, forced], dim=1)
+    trainer.generate_responses = lambda prompt_tokens, prompt_ids, prompt_mask: forced
     rollout = trainer.rollout([0, 1, 2, 3])
     torch.testing.assert_close(rollout.raw_scores, torch.tensor([1.0, 2.0, 3.0, 4.0]))
     torch.testing.assert_close(rollout.scores, torch.tensor([-1.0, -0.447214, -0.052786, 1.0]), atol=1e-5, rtol=0)

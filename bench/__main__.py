@@ -1,4 +1,4 @@
-"""python -m bench {all,sft,reward,dpo,ppo,mfu,smollm2,generation} [--quick] [--repeats N] [--threads N] [--json PATH]
+"""python -m bench {all,sft,reward,dpo,ppo,mfu,smollm2,smollm2-ppo,generation} [--quick] [--repeats N] [--threads N] [--json PATH]
 
 Our stages side by side with plain TRL on the same models, data and work, and the SFT step against the
 machine's own matmul peak (MFU). Every arm runs in its own process with pinned threads; arms alternate;
@@ -28,11 +28,13 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench import common, dpo, generation, mfu, ppo, reward, sft, smollm2  # noqa: E402
+from bench import common, dpo, generation, mfu, ppo, reward, sft, smollm2, smollm2_ppo  # noqa: E402
 from bench.runner import format_outcome, preload, run_comparison  # noqa: E402
 
-SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu, "smollm2": smollm2, "generation": generation}
-# `all`: the byte-level suites; smollm2 (~3.5 min more) and generation (24 min on a loaded machine) run on their own
+SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu, "smollm2": smollm2, "smollm2-ppo": smollm2_ppo,
+          "generation": generation}
+# `all`: the byte-level suites; smollm2 (~3.5 min more), smollm2-ppo and generation (24 min on a loaded machine)
+# run on their own
 ALL = ["sft", "reward", "dpo", "ppo", "mfu"]
 
 

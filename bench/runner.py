@@ -189,7 +189,9 @@ def format_outcome(outcome: Outcome) -> str:
         runs = outcome.results[arm.name]
         row = [arm.name]
         for key in ("rate", "cpu_rate"):
-            row.append(_spread([run[key] for run in runs], "{:.1f}"))
+            rates = [run[key] for run in runs]
+            # Slow arms (SmolLM2's online RL: a few episodes a minute) keep three significant digits.
+            row.append(_spread(rates, "{:.1f}" if not rates or min(rates) >= 1 else "{:.3f}"))
             if comparison.baseline:
                 row.append(_spread(ratios(outcome, arm.name, key), "{:.2f}"))
         for key, _, fmt in comparison.columns:

@@ -43,6 +43,7 @@ class PolicyInputs:
     reference: Any  # None with LoRA: the policy with its adapters disabled is the reference
     reward_model: Any  # None without a stage-2 reward model
     tokenizer: Any
+    critic: Any = None  # PPO: the value model, initialised from `critic` (default the reward model)
 
 
 @dataclass
@@ -137,13 +138,10 @@ def _train_trl(trainer: Any, inputs: PolicyInputs, section: dict[str, Any], card
 
 
 def train_ppo(inputs: PolicyInputs) -> PolicyOutcome:
-    from reward.models import load_critic
     from stages.ppo import PPOTrainer
 
-    config, stage, policy = inputs.config, inputs.stage, inputs.policy
+    config, stage, policy, critic = inputs.config, inputs.stage, inputs.policy, inputs.critic
     functions = RewardFunctions.from_specs(config.reward_functions)
-    critic_ref = config.critic or config.reward_model
-    critic = load_critic(critic_ref, config.trust_remote_code) if critic_ref else None
     if critic is None:
         raise ConfigError("PPO needs a critic initialisation: set critic or reward_model")
     if config.lora.enabled:

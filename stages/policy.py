@@ -24,7 +24,7 @@ from typing import Any
 
 from reward import kinds
 from reward.functions import RewardFunctionSpec
-from reward.models import load_reward
+from reward.models import load_critic, load_reward
 from reward.scoring import check_same_tokenizer, score_across_ranks
 from stages import algorithms, data, evaluation, generation, heldout, trainers
 from stages.core import distributed, models
@@ -139,6 +139,8 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
             reward_model.requires_grad_(False)
         policy = models.load_causal_lm(base, config.trust_remote_code)
         reference = None if config.lora.enabled else _frozen(models.load_causal_lm(base, config.trust_remote_code))
+        critic_ref = config.critic or config.reward_model  # PPO's value model: its weights checked before anything is written
+        critic = load_critic(critic_ref, config.trust_remote_code) if config.algorithm == "ppo" and critic_ref else None
 
         # -- data (before tracking and registration: bad data leaves no W&B run or registry entry) -----
         examples = _judged_examples(config, policy, tokenizer) if config.algorithm in ("dpo", "kto") else _prompt_rows(config)
@@ -151,7 +153,7 @@ def run(config: PolicyStageConfig) -> dict[str, Any]:
         stage.begin(parent=base, tokenizer=tokenizer, dataset_fingerprint=data.fingerprint(mixture.strip_source(examples)))
         if reward_entry is not None:
             stage.record(reward_model=reward_entry.ref)
-        inputs = algorithms.PolicyInputs(config, stage, examples, policy, reference, reward_model, tokenizer)
+        inputs = algorithms.PolicyInputs(config, stage, examples, policy, reference, reward_model, tokenizer, critic)
         outcome = algorithms.ALGORITHMS[config.algorithm](inputs)
 
         # -- save ------------------------------------------------------------------------------

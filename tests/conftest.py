@@ -88,6 +88,14 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     bad_config = variant("bad_config")
     (bad_config / "config.json").write_text('{"model_type": "llama", ')
+    # The tied embeddings stored under the LM head's name only (what our GGUF conversion wrote before v2): a causal
+    # LM reads them, a sequence classifier (reward model, critic) has no LM head and would start from random ones.
+    from safetensors.torch import load_file, save_file
+
+    lm_head_only = variant("lm_head_only")
+    tensors = load_file(good / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, lm_head_only / "model.safetensors", metadata={"format": "pt"})
     not_a_model = root / "not_a_model"
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("weights went elsewhere\n")

@@ -25,6 +25,10 @@ from typing import Any
 from stages.core.errors import UserError
 
 SOURCE_FILE = "gguf_source.json"
+# Part of the converted directory's name. v2 (2026-12-06): tied tensors are written under the input embeddings' name,
+# as save_pretrained writes them; v1 directories held only `lm_head.weight`, so a reward model or critic (no LM head)
+# loaded from them had random embeddings. Old directories are left alone, never used again.
+CONVERSION = "v2"
 
 
 class GGUFError(UserError, RuntimeError):
@@ -67,7 +71,7 @@ def converted(gguf_path: Path, home: Path) -> Path:
     if not gguf_path.is_file():
         raise GGUFError(f"GGUF file not found: {gguf_path}")
     digest = sha256(gguf_path)
-    target = home / "converted" / f"{gguf_path.stem}-{digest[:16]}"
+    target = home / "converted" / f"{gguf_path.stem}-{digest[:16]}-{CONVERSION}"
     if (target / SOURCE_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,17 +96,30 @@ def _save(model: Any, tokenizer: Any, directory: Path) -> None:
     """The model's config, safetensors weights and tokenizer, written from any process: transformers'
     `save_pretrained` silently writes no config and no weights on a torch.distributed rank other than 0, and
     whichever rank takes the lock first converts."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
     model.config.save_pretrained(directory)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(directory)
-    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})  # one copy of tied tensors
+    save_file(_tensors_once(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(directory)
     missing = [name for name in ("config.json", "model.safetensors") if not (directory / name).is_file()]
     if missing:
         raise RuntimeError(f"converting to {directory}: {', '.join(missing)} not written")
+
+
+def _tensors_once(model: Any) -> dict[str, Any]:
+    """The state dict with each tensor once, under its first name: a tied LM head is stored as the input embeddings
+    (`model.embed_tokens.weight`), as save_pretrained does, so every architecture on this backbone finds it
+    (safetensors' own `save_model` may keep `lm_head.weight` instead, which a sequence classifier does not read)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if where not in seen:
+            seen.add(where)
+            state[name] = tensor.contiguous()
+    return state
 
 
 def source_sha256(model_dir: str | Path) -> str | None:

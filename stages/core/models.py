@@ -72,7 +72,7 @@ def load_sequence_classifier(entry: Entry, trust_remote_code: bool = False, dtyp
         config = _builtin_config(spec, num_labels=1)
         with _seeded(spec.get("seed", 0)):
             return AutoModelForSequenceClassification.from_config(config)
-    return _from_pretrained(AutoModelForSequenceClassification, entry, trust_remote_code, dtype, num_labels=1)
+    return _from_pretrained(AutoModelForSequenceClassification, entry, trust_remote_code, dtype, new_head=True, num_labels=1)
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -140,18 +140,24 @@ def _builtin_tokenizer_dir(entry: Entry) -> Path | None:
     return Path(entry.path).parent / builtin_spec(entry)["tokenizer"] if entry.builtin else None
 
 
-def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dtype: torch.dtype | None, **kwargs: Any) -> Any:
+def _from_pretrained(
+    auto_class: Any, entry: Entry, trust_remote_code: bool, dtype: torch.dtype | None, new_head: bool = False, **kwargs: Any
+) -> Any:
+    """`auto_class.from_pretrained` of the entry's directory, refusing a model any of whose weights the files lack
+    (transformers would initialise them at random and only log it), except, with `new_head`, the weights outside the
+    backbone: a reward model's or critic's fresh scalar head on an SFT model."""
     path = str(model_dir(entry) or entry.path)
     check_safetensors_only(path, entry.name)
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():
         raise ModelLoadError(f"{entry.name} at {path} is not a model directory (no config.json)")
     check_files_intact(Path(path), entry.name)
     try:
-        return auto_class.from_pretrained(
+        model, info = auto_class.from_pretrained(
             path,
             use_safetensors=True,
             trust_remote_code=trust_remote_code or entry.trust_remote_code,
             dtype=dtype,
+            output_loading_info=True,
             **kwargs,
         )
     except ValueError as error:
@@ -160,6 +166,16 @@ def _from_pretrained(auto_class: Any, entry: Entry, trust_remote_code: bool, dty
         raise ModelLoadError(f"cannot load model {entry.name!r} from {path}: {error}") from None
     except SafetensorError as error:  # intact sizes, unreadable content
         raise ModelLoadError(f"the model directory {path} ({entry.name}) is damaged: {error}; re-run the stage that wrote it") from None
+    backbone = f"{model.base_model_prefix}."
+    missing = sorted(key for key in info.get("missing_keys", ()) if not new_head or key.startswith(backbone))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(
+            f"model {entry.name!r} at {path}: its files lack {len(missing)} weight(s) of {type(model).__name__} ({shown}), "
+            "which would start at random; was it saved with the weights under other names (e.g. only one of two tied "
+            "tensors)? Re-save it with save_pretrained"
+        )
+    return model
 
 
 def check_files_intact(path: Path, name: str) -> None:

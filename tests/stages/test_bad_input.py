@@ -162,6 +162,10 @@ CASES = [
     # damaged model files
     case("weights-truncated", lambda c: c.sft(f"model={c.models['truncated']}"), "ModelLoadError",
      ["the model directory", "truncated", "is damaged", "model.safetensors is truncated", "re-run the stage"]),
+    case("critic-weights-missing", lambda c: c.policy("algorithm=ppo", f"model={c.models['good']}", "reward_model=null",
+                                                     f"critic={c.models['lm_head_only']}", "reward_functions=[{name: exact_answer}]"),
+     "ModelLoadError", ["lm_head_only", "lack 1 weight(s) of LlamaForSequenceClassification", "model.embed_tokens.weight",
+                        "would start at random"]),
     case("config-json-broken", lambda c: c.sft(f"model={c.models['bad_config']}"), "ModelLoadError",
      ["bad_config", "is damaged", "config.json is not valid JSON"]),
     # data

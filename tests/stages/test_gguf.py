@@ -35,6 +35,10 @@ def test_the_builtin_smollm2_converts_once_and_keeps_the_gguf_logits(isolated_ho
                                         return_tensors="pt", return_dict=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, reference(**ids).logits, atol=1e-5, rtol=0)
+    # A reward model or critic on the same backbone (no LM head) reads the same embeddings: the tied tensor is stored
+    # under the input embeddings' name (conversion v1 kept only lm_head.weight, and a classifier started from random ones).
+    classifier = models.load_sequence_classifier(entry)
+    assert torch.equal(classifier.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
     def no_second_conversion(*_: object) -> None:
         raise AssertionError("converted again")
@@ -49,7 +53,7 @@ def test_a_half_finished_conversion_is_never_used(tmp_path: Path, monkeypatch: p
     finished conversion either: both are ignored, and the next use converts (here a stand-in de-quantiser)."""
     source = tmp_path / "model.gguf"
     source.write_bytes(b"GGUF stand-in")
-    target = tmp_path / "home" / "converted" / f"model-{gguf.sha256(source)[:16]}"
+    target = tmp_path / "home" / "converted" / f"model-{gguf.sha256(source)[:16]}-{gguf.CONVERSION}"
     (target.with_name(f".{target.name}.999.tmp")).mkdir(parents=True)  # the killed process's leftovers
     target.mkdir()
     (target / "model.safetensors").write_bytes(b"\0" * 10)  # half a model, no marker

@@ -40,7 +40,9 @@ class SFTStageConfig(StageConfig):
     mixture_size: int | None = field(
         default=None, metadata={"help": "Total training examples; sources with a weight share what fixed num_examples leave."}
     )
-    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.SFTConfig arguments (checked against its fields)."})
+    train: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "trl.SFTConfig arguments (checked against its fields). padding_free: true trains without padding, in rows as "
+                "wide as the longest sequence (stages/data/sft_packing.py); same loss as padded."})
 
     def __post_init__(self) -> None:
         from trl import SFTConfig

@@ -1,8 +1,9 @@
 """What every arm shares: the two benchmark models, the data, and the measurements.
 
 Imported by arms running under both virtual environments (ours, and bench/.venv-trl111 for TRL 1.11's
-PPO), so importing it loads only torch, transformers, datasets and yaml; `trainer_class`, `pair_trainer_class`
-and `BackbonePositions` import `stages.data` modules when they are called, which only our arms do.
+PPO), so importing it loads only torch, transformers, datasets and yaml; `trainer_class`, `sft_trainer_class`,
+`pair_trainer_class`, `BackbonePositions` and TokenCounter's padding-free count import `stages.data` modules when they
+are called, which only our arms do.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ def trainer_class(trl_class: type, settings: dict[str, Any]) -> type:
     from stages.data.batching import length_grouped
 
     return length_grouped(trl_class, settings.pop("length_grouping", 0))
+
+
+def sft_trainer_class(settings: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The SFT trainer an arm runs and its SFTConfig arguments, as stages/sft.py builds them: `trainer_class`, padding-free
+    batches in rows (stages/data/sft_packing.py; `padding_free_rows: False` keeps TRL's own one row) and max_length None
+    under padding_free without packing."""
+    from trl import SFTTrainer
+
+    from stages.data import sft_packing
+
+    rows = settings.pop("padding_free_rows", True) and settings.get("padding_free")
+    trainer = trainer_class(SFTTrainer, settings)
+    return (sft_packing.padding_free_rows(trainer) if rows else trainer), sft_packing.trl_section(settings)
 
 
 def pair_trainer_class(trl_class: type, settings: dict[str, Any]) -> type:
@@ -198,8 +212,12 @@ class TokenCounter:
         self.positions += input_ids.numel()
         if attention_mask is not None and attention_mask.dim() == 2:
             lengths = attention_mask.sum(dim=1)
-        elif position_ids is not None:  # padding-free: one flat row, a new sequence wherever position 0 starts
-            flat = position_ids.flatten()
+        elif position_ids is not None:  # padding-free: a new sequence wherever position 0 starts; rows' filler left out
+            from stages.data.sft_packing import filler_mask
+
+            position_ids = position_ids.expand_as(input_ids)
+            real = ~filler_mask(input_ids, position_ids, getattr(module.config, "pad_token_id", None))
+            flat = position_ids[real]  # every row's real tokens, in order: each sequence starts at 0
             starts = torch.nonzero(flat == 0).flatten().tolist() + [flat.numel()]
             lengths = torch.tensor([end - start for start, end in zip(starts, starts[1:])])
         else:

@@ -4,9 +4,12 @@ Arms (each one epoch over the same rows, same model init, same order seed):
 - trl_defaults: `SFTConfig()` as shipped (batch 8, gradient checkpointing on, max_length 1024, no packing),
   except bf16=False and use_cpu=True, which a CPU run needs (TRL 1.16 defaults bf16 to True).
 - ours: the `train:` section of configs/sft/tiny.yaml, read at run time, so the bench follows the stage.
-  With its top-level `length_grouping` (stages/data/batching.py), as the stage applies it.
-- ours+length_grouping, ours+packing, ours+padding_free: the same with length-grouped batches
-  (`length_grouping: 4`), TRL's BFD packing (which implies padding-free) or padding-free batches alone.
+  With its top-level `length_grouping` (stages/data/batching.py), as the stage applies it, and its padding-free
+  batches (`padding_free: true`) in rows as wide as the longest sequence (stages/data/sft_packing.py).
+- ours+padded, ours+one_row: the same with padded batches (`padding_free: false`), or with TRL's own padding-free
+  batches (the whole batch in one row: what `padding_free` did before stages/data/sft_packing.py).
+- ours+length_grouping, ours+packing: the same with length-grouped batches (`length_grouping: 4`) or TRL's BFD
+  packing (which implies padding-free; its packed examples re-laid in rows like any padding-free batch).
 The datasets come from bench/common.py: "variable" (16 to 122 tokens, mean 49, skewed short), "uniform" (60 each), and
 "alpaca-file" (the variable rows as a user's Alpaca-format file, read through the stages' loader).
 Timed: `trainer.train()` only; the dataset preparation in the constructor is reported as setup_seconds.
@@ -39,18 +42,18 @@ ARM_SETTINGS = {
     # Ours with length-grouped batches (stages/data/batching.py, groups of 4 batches): what the sampler buys.
     "ours+length_grouping": lambda: our_settings() | {"length_grouping": 4},
     "ours+packing": lambda: our_settings() | {"packing": True},
-    # padding-free without packing leaves max_length unenforced: TRL requires max_length=None (every row fits).
-    "ours+padding_free": lambda: our_settings() | {"padding_free": True, "max_length": None},
+    "ours+padded": lambda: our_settings() | {"padding_free": False},
+    "ours+one_row": lambda: our_settings() | {"padding_free": True, "padding_free_rows": False},
 }
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     """Child side: train one epoch with one arm's settings and report throughput and the work done."""
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    settings = ARM_SETTINGS[params["arm"]]()
-    trainer_class = common.trainer_class(SFTTrainer, settings)  # takes length_grouping out of settings
+    # Takes length_grouping and padding_free_rows out of settings; max_length None under padding_free (every row fits).
+    trainer_class, settings = common.sft_trainer_class(ARM_SETTINGS[params["arm"]]())
     model = common.causal_lm(params["model"], seed=0)
     rows = common.alpaca_file_rows(params["examples"]) if params["data"] == "alpaca-file" else common.sft_rows(params["data"], params["examples"], seed=0)
     with tempfile.TemporaryDirectory() as output_dir, common.Timer() as setup:
@@ -82,10 +85,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 def comparisons(quick: bool) -> list[Comparison]:
     result = []
     # Uniform data has no padding to remove: it shows what our settings gain without it.
-    # A user's Alpaca-format file (the variable rows, read through stages.data): what padding-free batches buy there.
+    # A user's Alpaca-format file (the variable rows, read through stages.data): what padding-free rows buy there.
     for data, examples, names in (("variable", 64 if quick else 128, list(ARM_SETTINGS)),
                                   ("uniform", 64 if quick else 96, ["trl_defaults", "ours"]),
-                                  ("alpaca-file", 64 if quick else 128, ["trl_defaults", "ours", "ours+padding_free"])):
+                                  ("alpaca-file", 64 if quick else 128, ["trl_defaults", "ours", "ours+padded"])):
         arms = [Arm(name, "sft", {"arm": name, "model": "5m", "data": data, "examples": examples}) for name in names]
         result.append(Comparison(
             title=f"SFT, {data}-length data, 5m model, {examples} examples x 1 epoch",

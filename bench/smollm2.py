@@ -5,7 +5,8 @@ stages' loader, SmolLM2's tokenizer and chat template, default system prompt inc
 built-in's safetensors conversion under RLHF_HOME, converted on first use as the stages do):
 - trl_defaults: `SFTConfig()` as shipped plus bf16=False, use_cpu=True (the CPU run's two changes), and the
   same LoRA adapters as ours (peft_config): a TRL user tuning this model passes one too.
-- ours: the `train:` and `lora:` sections of configs/sft/smollm2.yaml, read at run time.
+- ours: the `train:` and `lora:` sections of configs/sft/smollm2.yaml, read at run time (padding-free rows,
+  stages/data/sft_packing.py); ours+padded: the same with `padding_free: false`.
 - matmul_peak: torch.mm at the shapes of one step of `ours` (see below): the MFU's denominator.
 
 FLOPs of a LoRA step (useful work only, per real token): the frozen base matmuls run forward and input-gradient
@@ -48,7 +49,8 @@ def _rows(count: int) -> list[dict[str, Any]]:
 def _settings(arm: str) -> dict[str, Any]:
     if arm == "trl_defaults":
         return {"bf16": False, "use_cpu": True}
-    return common.stage_settings(CONFIG, "train", SCHEDULE_KEYS)
+    ours = common.stage_settings(CONFIG, "train", SCHEDULE_KEYS)
+    return ours | {"padding_free": False} if arm == "ours+padded" else ours
 
 
 def _lora() -> Any:
@@ -98,10 +100,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if params["arm"] == "matmul_peak":
         return _matmul_peak(params)
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    settings = _settings(params["arm"])
-    trainer_class = common.trainer_class(SFTTrainer, settings)
+    trainer_class, settings = common.sft_trainer_class(_settings(params["arm"]))  # as stages/sft.py builds it
     model, tokenizer = _load()
     with tempfile.TemporaryDirectory() as output_dir, common.Timer() as setup:
         args = SFTConfig(output_dir=output_dir, report_to=[], save_strategy="no", num_train_epochs=1, seed=0,
@@ -131,7 +132,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 def comparisons(quick: bool) -> list[Comparison]:
     examples = 16 if quick else 48  # ours: 3 optimizer steps of 16; TRL's default batch of 8: 6
     batch = _settings("ours")["per_device_train_batch_size"]
-    arms = [Arm(name, "smollm2", {"arm": name, "examples": examples}) for name in ("trl_defaults", "ours")]
+    arms = [Arm(name, "smollm2", {"arm": name, "examples": examples}) for name in ("trl_defaults", "ours", "ours+padded")]
     # M of the peak's products: one step of `ours` at the rows' mean length (~50 tokens with the system prompt).
     peak = Arm("matmul_peak", "smollm2", {"arm": "matmul_peak", "tokens": batch * 50, "seconds_per_shape": 0.3 if quick else 0.5})
     return [

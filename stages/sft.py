@@ -2,7 +2,8 @@
 
 What it implements: supervised fine-tuning on prompt/completion pairs with the loss on completion
 tokens only (TRL's completion mask), the model's chat template applied identically in training and
-in generation, optional LoRA (merged on save by default), optional packing, and DeepSpeed ZeRO-2/3
+in generation, optional LoRA (merged on save by default), optional packing, padding-free batches
+(`train.padding_free`: rows as wide as the longest sequence, stages/data/sft_packing.py), and DeepSpeed ZeRO-2/3
 from `deepspeed_configs/`. Departures: multi-turn conversations train on their final assistant turn
 only (see stages/data/formats.py); examples longer than `train.max_length` are dropped, not truncated, since
 a truncated answer teaches the model to stop mid-answer (the count is printed).
@@ -39,7 +40,9 @@ class SFTStageConfig(StageConfig):
     mixture_size: int | None = field(
         default=None, metadata={"help": "Total training examples; sources with a weight share what fixed num_examples leave."}
     )
-    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.SFTConfig arguments (checked against its fields)."})
+    train: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "trl.SFTConfig arguments (checked against its fields). padding_free: true trains without padding, in rows as "
+                "wide as the longest sequence (stages/data/sft_packing.py); same loss as padded."})
 
     def __post_init__(self) -> None:
         from trl import SFTConfig
@@ -89,12 +92,14 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
         # -- trainer ---------------------------------------------------------------------------
         from trl import SFTConfig, SFTTrainer
 
-        # padding_free without packing: TRL refuses a max_length it would not enforce, but every row longer than
-        # train.max_length is already gone (_drop_too_long), so TRL gets None and the unpadded batches are exact.
-        train_section = config.train | ({"max_length": None} if config.train.get("padding_free") and not config.train.get("packing") else {})
-        trainer = batching.length_grouped(SFTTrainer, config.length_grouping)(
+        from stages.data import sft_packing  # imports TRL
+
+        # train.padding_free: each batch without padding, in rows as wide as its longest sequence (stages/data/
+        # sft_packing.py); TRL gets max_length None then: every row longer than it is already gone (_drop_too_long).
+        trainer_class = sft_packing.padding_free_rows(batching.length_grouped(SFTTrainer, config.length_grouping))
+        trainer = trainer_class(
             model=model,
-            args=trainers.trl_args(SFTConfig, stage, config, train_section),
+            args=trainers.trl_args(SFTConfig, stage, config, sft_packing.trl_section(config.train)),
             train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,

@@ -12,7 +12,9 @@
   the realised mixture report;
 - `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`);
 - `packing`: padding-free preference pairs for TRL's DPO and reward trainers (`padding_free`): each batch's
-  sequences run through the model's backbone packed without padding, same loss and gradients as padded.
+  sequences run through the model's backbone packed without padding, same loss and gradients as padded;
+- `sft_packing`: padding-free SFT batches (`train.padding_free`): TRL's one-row batch re-laid first-fit into rows as
+  wide as the longest sequence (`packing.first_fit_rows`), same loss and gradients as padded; imports TRL.
 
 May import: `stages.core`, `stages.tasks` (the embedded source) and third-party packages; nothing above
 (checked by import-linter). The package re-exports `formats` and `preferences`, so `from stages import data;

@@ -77,9 +77,24 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, one_row: bool = 
     batch, length = real.shape
     lengths = real.sum(-1).tolist()
     width = sum(lengths) if one_row else max(lengths)
+    slots, positions = first_fit_rows(lengths, [sequence * length for sequence in range(batch)], width)
+    slot_index = torch.tensor(slots, device=input_ids.device)
+    packed_ids = input_ids.reshape(-1)[slot_index.clamp(min=0)]  # filler: any token id, never attended to
+    position_ids = torch.tensor(positions, device=input_ids.device)
+    return PackedRows(packed_ids.view(-1, width), position_ids.view(-1, width), slot_index)
+
+
+def first_fit_rows(lengths: list[int], starts: list[int], width: int) -> tuple[list[int], list[int]]:
+    """Sequences laid out in rows of `width` tokens, first-fit in order of decreasing length (the preference pairs'
+    `pack`, and the SFT rows of stages/data/sft_packing.py).
+
+    Sequence i is tokens starts[i] .. starts[i] + lengths[i] - 1 of a flat source. Returns, slot by slot (rows * width),
+    the source index of each token (-1: filler) and its position: 0..n-1 on each sequence; a row's unused end is filler,
+    positions from 0 again: a sequence of its own, last in its row, so that no real token attends to it.
+    """
     rows: list[list[int]] = []  # sequence indices per row
     free: list[int] = []  # tokens left per row
-    for sequence in sorted(range(batch), key=lambda index: -lengths[index]):
+    for sequence in sorted(range(len(lengths)), key=lambda index: -lengths[index]):
         row = next((r for r, room in enumerate(free) if room >= lengths[sequence]), None)
         if row is None:
             rows.append([])
@@ -91,14 +106,11 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, one_row: bool = 
     positions: list[int] = []
     for sequences, room in zip(rows, free):
         for sequence in sequences:
-            slots += range(sequence * length, sequence * length + lengths[sequence])
+            slots += range(starts[sequence], starts[sequence] + lengths[sequence])
             positions += range(lengths[sequence])
         slots += [-1] * room
         positions += range(room)
-    slot_index = torch.tensor(slots, device=input_ids.device)
-    packed_ids = input_ids.reshape(-1)[slot_index.clamp(min=0)]  # filler: any token id, never attended to
-    position_ids = torch.tensor(positions, device=input_ids.device)
-    return PackedRows(packed_ids.view(len(rows), width), position_ids.view(len(rows), width), slot_index)
+    return slots, positions
 
 
 def unpack(hidden: torch.Tensor, packed: PackedRows, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -156,21 +156,29 @@ def test_rlhf_eval_scores_a_model_on_a_users_file(tmp_path: Path, registered_sft
 
 @pytest.mark.slow
 def test_padding_free_sft_on_a_users_file_trains_with_the_same_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """padding_free: true (TRL's flag) on user data: the stage enforces max_length itself, TRL flattens each
-    batch without padding, and the per-step losses equal those of the padded batches."""
+    """padding_free: true (TRL's flag) on user data: the stage enforces max_length itself, each batch comes without
+    padding in rows as wide as its longest sequence (stages/data/sft_packing.py), and the per-step losses equal those
+    of the padded batches."""
     import json
 
-    from trl.trainer import sft_trainer
+    from stages.data import sft_packing
 
-    collated: list[tuple[bool, tuple[int, ...]]] = []  # (padding_free, input_ids shape) of every batch
-    real_call = sft_trainer.DataCollatorForLanguageModeling.torch_call
+    collated: list[tuple[bool, tuple[int, ...], int]] = []  # (padding_free, input_ids shape, longest sequence) per batch
+    real_call = sft_packing.DataCollatorForLanguageModeling.torch_call
 
     def recording_call(self, examples):  # noqa: ANN001, ANN202
         batch = real_call(self, examples)
-        collated.append((self.padding_free, tuple(batch["input_ids"].shape)))
+        if not self.padding_free:
+            collated.append((False, tuple(batch["input_ids"].shape), batch["input_ids"].shape[1]))
         return batch
 
-    monkeypatch.setattr(sft_trainer.DataCollatorForLanguageModeling, "torch_call", recording_call)
+    def recording_rows(self, examples):  # noqa: ANN001, ANN202
+        batch = sft_packing.in_rows(real_call(self, examples), self.pad_token_id)
+        collated.append((True, tuple(batch["input_ids"].shape), max(len(example["input_ids"]) for example in examples)))
+        return batch
+
+    monkeypatch.setattr(sft_packing.DataCollatorForLanguageModeling, "torch_call", recording_call)
+    monkeypatch.setattr(sft_packing.RowsCollator, "torch_call", recording_rows)
     losses = {}
     for padding_free in (False, True):
         out = tmp_path / f"pf-{padding_free}"
@@ -183,6 +191,6 @@ def test_padding_free_sft_on_a_users_file_trains_with_the_same_losses(tmp_path: 
         losses[padding_free] = [row["loss"] for row in history if "loss" in row]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-3), losses
-    unpadded = [shape for flag, shape in collated if flag]
-    assert unpadded and all(shape[0] == 1 for shape in unpadded)  # one flattened row per batch: no padding
-    assert any(shape[0] == 8 for flag, shape in collated if not flag)
+    rows = [(shape, longest) for flag, shape, longest in collated if flag]
+    assert rows and all(width == longest and count <= 8 for (count, width), longest in rows)  # rows as wide as the longest
+    assert any(shape[0] == 8 for flag, shape, _ in collated if not flag)

@@ -32,7 +32,8 @@ from bench import common, dpo, generation, mfu, ppo, reward, sft, smollm2  # noq
 from bench.runner import format_outcome, preload, run_comparison  # noqa: E402
 
 SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu, "smollm2": smollm2, "generation": generation}
-# `all`: the byte-level suites; smollm2 (~3.5 min more) and generation (24 min on a loaded machine) run on their own
+# `all`: the byte-level suites; smollm2 (~24 min: SFT + MFU ~3.5, DPO and reward ~20) and generation (24 min on a
+# loaded machine) run on their own
 ALL = ["sft", "reward", "dpo", "ppo", "mfu"]
 
 

@@ -23,11 +23,11 @@ Pairs (`preference_pairs`): variable-length, from the repository's two real sour
   first half of words.
 SmolLM2's chat template adds its default system prompt (32 tokens with the turn markers). Only pairs whose both
 sequences fit the shipped configs' max_length (96) are kept, so no arm truncates or drops a pair and TRL's
-max_length of 1024 changes nothing: 43-95 tokens a sequence, mean 57-58 at the bench's sizes; a padded batch of
-16 pairs is about a third padding, packed about a fifth (filler). Either source alone packs nothing: in rows as wide as the batch's
-longest sequence (stages/data/packing.py, sdpa on CPU) two sequences share a row only when their lengths add up to
-at most that, and the system prompt puts every sequence over 40 tokens (word tasks alone: 43-52 tokens, 7%
-padding; instruction prompts alone: 52-96, 19%).
+max_length of 1024 changes nothing: 43-95 tokens a sequence, mean 57-58 at the bench's sizes. Padded batches of
+16 pairs are 34-39% padding; packed, the reward comparison's two batches 24% filler, DPO's one batch still 34%:
+in rows as wide as the batch's longest sequence (stages/data/packing.py, sdpa on CPU) two sequences share a row
+only when their lengths add up to at most that, and the system prompt puts every sequence over 40 tokens. Either
+source alone would pack nothing (word tasks alone: 43-52 tokens, 7% padding; instruction prompts: 52-96, 19%).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparisons(quick: bool) -> list[Comparison]:
-    # Multiples of 16 (ours: batch 16, so DPO is one step of ours, two of TRL's batch of 8): ~30-60 CPU-s an arm.
+    # Full batches of ours (16): DPO one step of ours, two of TRL's default 8; reward two and four. ~45-65 CPU-s an
+    # arm on this machine (bench/README.md); --quick: one batch of 8 in every arm.
     sizes = {"dpo": 8 if quick else 16, "reward": 8 if quick else 32}
     columns = [("padding_waste", "pad waste", "{:.0%}"), ("optimizer_steps", "steps", "{:d}"), ("cpu_seconds", "CPU s", "{:.0f}"),
                ("peak_rss_mb", "peak RSS MB", "{:.0f}")]

@@ -33,8 +33,8 @@ from bench.runner import format_outcome, preload, run_comparison  # noqa: E402
 
 SUITES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "mfu": mfu, "smollm2": smollm2, "smollm2-ppo": smollm2_ppo,
           "generation": generation}
-# `all`: the byte-level suites; smollm2 (~3.5 min more), smollm2-ppo and generation (24 min on a loaded machine)
-# run on their own
+# `all`: the byte-level suites; smollm2 (~24 min: SFT + MFU ~3.5, DPO and reward ~20), smollm2-ppo (~20 min) and
+# generation (24 min on a loaded machine) run on their own
 ALL = ["sft", "reward", "dpo", "ppo", "mfu"]
 
 
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="runs of every arm (default: 3; --quick: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every arm (default 1)")
     parser.add_argument("--arms", default=None, help="comma-separated arm names to keep (default: all)")
+    parser.add_argument("--comparisons", default=None, metavar="WORDS",
+                        help="comma-separated words: keep only the comparisons whose title holds one (any case), e.g. DPO,reward")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before an arm is abandoned")
     parser.add_argument("--ppo-before", default=None, metavar="REVISION",
                         help="also run stages/ and reward/ as of this git revision (arm ours@REVISION): before/after in one run")
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ppo-models: unknown {', '.join(sorted(unknown))}; known: {', '.join(common.MODEL_SHAPES)}")
     repeats = args.repeats or (1 if args.quick else 3)
     keep = set(args.arms.split(",")) if args.arms else None
+    titles = [word.lower() for word in args.comparisons.split(",")] if args.comparisons else None
 
     print(f"bench: {args.suite}{' --quick' if args.quick else ''}, {repeats} repeat(s), {args.threads} thread(s) per arm;"
           f" {platform.processor() or platform.machine()}, {_cpu_count()} CPUs visible, load average {_load()}", flush=True)
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ALL if args.suite == "all" else [args.suite]:
         options = {"before": args.ppo_before, "models": args.ppo_models.split(",")} if name == "ppo" else {}
         for comparison in SUITES[name].comparisons(args.quick, **options):
+            if titles is not None and not any(word in comparison.title.lower() for word in titles):
+                continue
             if keep is not None:
                 comparison.arms = [arm for arm in comparison.arms if arm.name in keep]
                 if not comparison.arms:

@@ -38,6 +38,7 @@ class Comparison:
     unit: str  # of the results' "amount" (tokens, pairs, episodes): rates are amount / seconds
     columns: list[tuple[str, str, str]] = field(default_factory=list)  # (result key, header, format)
     check_work: bool = True
+    rate_format: str = "{:.1f}"  # of the rates (amount/s, amount/CPU-s): more decimals where they are below 1
     # Adds keys to the runs once every repeat is in (arm name -> runs): measures that compare arms within a
     # repeat beyond the rate ratio (the generation suite's identical answers and share of the limit).
     derive: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None
@@ -144,8 +145,9 @@ def run_comparison(comparison: Comparison, repeats: int, threads: int, timeout: 
             result["rate"] = result["amount"] / result["seconds"]
             result["cpu_rate"] = result["amount"] / result["cpu_seconds"]
             results[arm.name].append(result)
-            print(f"   repeat {repeat + 1}: {arm.name:<22} {result['rate']:9.1f} {comparison.unit}/s"
-                  f" ({result['cpu_rate']:.1f} per CPU-s; {result['seconds']:.1f} s timed,"
+            rate, cpu_rate = (comparison.rate_format.format(result[key]) for key in ("rate", "cpu_rate"))
+            print(f"   repeat {repeat + 1}: {arm.name:<22} {rate:>9} {comparison.unit}/s"
+                  f" ({cpu_rate} per CPU-s; {result['seconds']:.1f} s timed,"
                   f" {result['process_seconds']:.0f} s process)", flush=True)
     if comparison.derive is not None:
         comparison.derive(results)
@@ -189,9 +191,7 @@ def format_outcome(outcome: Outcome) -> str:
         runs = outcome.results[arm.name]
         row = [arm.name]
         for key in ("rate", "cpu_rate"):
-            rates = [run[key] for run in runs]
-            # Slow arms (SmolLM2's online RL: a few episodes a minute) keep three significant digits.
-            row.append(_spread(rates, "{:.1f}" if not rates or min(rates) >= 1 else "{:.3f}"))
+            row.append(_spread([run[key] for run in runs], comparison.rate_format))
             if comparison.baseline:
                 row.append(_spread(ratios(outcome, arm.name, key), "{:.2f}"))
         for key, _, fmt in comparison.columns:

@@ -1,4 +1,5 @@
-"""The real model: LoRA SFT of SmolLM2-135M-Instruct, our settings against TRL's defaults, and its MFU.
+"""The real model: LoRA SFT of SmolLM2-135M-Instruct, our settings against TRL's defaults, and its MFU; the suite
+also runs bench/smollm2_pairs.py's DPO and reward-model comparisons on the same model.
 
 Arms (one epoch over the same rows: the first word-task rows of data/word_tasks_alpaca.jsonl read through the
 stages' loader, SmolLM2's tokenizer and chat template, default system prompt included; the model is the
@@ -130,6 +131,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparisons(quick: bool) -> list[Comparison]:
+    from bench import smollm2_pairs  # it reads this module's SCHEDULE_KEYS
+
     examples = 16 if quick else 48  # ours: 3 optimizer steps of 16; TRL's default batch of 8: 6
     batch = _settings("ours")["per_device_train_batch_size"]
     arms = [Arm(name, "smollm2", {"arm": name, "examples": examples}) for name in ("trl_defaults", "ours", "ours+padded")]
@@ -143,4 +146,5 @@ def comparisons(quick: bool) -> list[Comparison]:
         Comparison(title="SmolLM2-135M LoRA SFT MFU: model GFLOP/s of `ours` over the matmul peak at its step's shapes",
                    arms=[peak, Arm("ours", "smollm2", {"arm": "ours", "examples": examples, "as_flops": True})],
                    baseline="matmul_peak", unit="GFLOP", check_work=False),
+        *smollm2_pairs.comparisons(quick),  # DPO and the reward model, LoRA, pairs/s
     ]

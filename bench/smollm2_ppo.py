@@ -135,5 +135,5 @@ def comparisons(quick: bool) -> list[Comparison]:
                f"{PPO_EPOCHS} epochs x {BATCH // MINI_BATCH} mini-batches: our PPO's split; TRL GRPO at the same episodes "
                "(no critic: not the same work)"),
         arms=[Arm(name, "smollm2_ppo", params | {"arm": name}) for name in ("ours", "trl_grpo")],
-        baseline=None, unit="episodes", columns=columns, check_work=False,
+        baseline=None, unit="episodes", columns=columns, check_work=False, rate_format="{:.3f}",
     )]

@@ -69,3 +69,34 @@ def test_smollm2_mfu_counts_the_products_its_matmul_peak_times():
     timed = sum(2 * m * k * n * count for m, k, n, count in smollm2._matmul_shapes(config, tokens))
     norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
     assert counted == timed + 4 * norms * tokens
+
+
+def test_smollm2_pairs_fit_the_shipped_max_length_and_vary_in_length(smollm2):
+    """The real-model DPO and reward comparisons' pairs (bench/smollm2_pairs.py): every sequence fits the shipped
+    configs' max_length under SmolLM2's chat template (so no arm truncates or drops one), the two sources alternate,
+    and lengths differ within pairs and across them (a padded batch has padding). The arms read the shipped configs:
+    ours is padding-free as shipped, ours+padded is not, TRL's defaults carry only the CPU run's two changes."""
+    from bench import smollm2_pairs
+    from stages.core import models
+    from stages.core.registry import Registry
+
+    tokenizer = models.load_tokenizer(Registry().get("smollm2-135m-instruct"))
+    pairs = smollm2_pairs.preference_pairs(tokenizer, 32)
+    assert len(pairs) == 32 and smollm2_pairs.max_length() == 96
+
+    def length(pair, side):
+        return len(tokenizer.apply_chat_template(pair["prompt"] + pair[side], return_dict=True)["input_ids"])
+
+    lengths = [(length(pair, "chosen"), length(pair, "rejected")) for pair in pairs]
+    assert max(max(both) for both in lengths) <= 96
+    assert all(pair["chosen"] != pair["rejected"] for pair in pairs)
+    assert pairs[0]["prompt"][-1]["content"].startswith("Add the numbers") and "\n\n" in pairs[1]["prompt"][-1]["content"]
+    assert sum(chosen != rejected for chosen, rejected in lengths) >= 16
+    flat = [length for both in lengths for length in both]
+    assert 1 - sum(flat) / (len(flat) * max(flat)) > 0.2  # one padded batch of the 32 pairs: over a fifth padding
+
+    assert smollm2_pairs._settings("dpo", "trl_defaults") == {"bf16": False, "use_cpu": True}
+    for stage, batch in (("dpo", 16), ("reward", 16)):
+        ours, padded = smollm2_pairs._settings(stage, "ours"), smollm2_pairs._settings(stage, "ours+padded")
+        assert ours["padding_free"] is True and padded["padding_free"] is False
+        assert ours["per_device_train_batch_size"] == batch and ours["gradient_checkpointing"] is False

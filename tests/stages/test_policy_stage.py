@@ -66,6 +66,11 @@ def test_dpo_raises_heldout_preference_margin_and_keeps_the_reference(tmp_path: 
         _config(
             tmp_path, "reward_model=null",
             "datasets=[{source: embedded, num_examples: 600, tasks: [upper, copy]}]",
+            # Training pairs made as the held-out ones are (a corrupted answer rejected), from other prompts: with the
+            # shipped on-policy negatives (the SFT model's own judged samples) the corrupted held-out pairs are another
+            # distribution, and the sign of their margin's change depended on the SFT fixture's rounding (+0.06 nats
+            # with padded SFT batches, -0.20 with padding-free rows, 2026-12-07).
+            "onpolicy_negatives=false",
             "dpo.num_train_epochs=1", "dpo.learning_rate=3e-4", "dpo.logging_steps=5",  # the shipped loss: sigmoid + SFT term
         )
     )
@@ -73,7 +78,7 @@ def test_dpo_raises_heldout_preference_margin_and_keeps_the_reference(tmp_path: 
     assert entry.status == "ready" and entry.kind == "policy" and entry.parent == registered_sft
     assert {"eval/exact_match", "eval/kl_to_ref", "eval/response_length"} <= set(metrics)
     after = _preference_margin(models.load_causal_lm(entry), tokenizer, heldout)
-    # Measured: 2.66 -> 2.72 nats with this short run (19 steps); the direction is the claim.
+    # Measured 2026-12-07: 2.888 -> 3.160 nats (19 steps); the direction is the claim.
     assert after > before, (before, after)
     # On its training pairs, DPO's implicit reward separates chosen from rejected by the end.
     logged = [row for row in json.loads((Path(entry.path) / "trainer_state.json").read_text())["log_history"] if "rewards/margins" in row]

@@ -1,8 +1,7 @@
 """Our PPO trainer for RLHF (TRL 1.x ships none): InstructGPT-style PPO with a learned critic.
 
 One PPO step (Ouyang et al. 2022; "Secrets of RLHF" part I; "The N implementation details of RLHF with PPO"):
-1. rollout: `batch_size` prompts per process, responses sampled by the actor (temperature/top-p) with the
-   stages' continuous-batching decode loop (stages.generation.generate_ids), each prompt from its own generator;
+1. rollout: `batch_size` prompts per process, responses sampled by the actor (KV cache, temperature/top-p);
    a response ends at its first eos, which counts as one of its tokens;
 2. scoring, one no-grad forward per model: actor and reference log-probs of the response tokens (at the
    sampling temperature), critic values per token, and a sequence score from the reward model (read at the
@@ -248,20 +247,19 @@ class PPOTrainer:
 
     def generate_responses(self, prompt_tokens: list[list[int]], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Sampled responses to the prompts (token lists, and the same left padded), (batch, longest response),
-        right padded. Our continuous batching (stages.generation.generate_ids), every prompt drawing from its own
-        generator, seeded from the global RNG (seeded per process; a checkpoint restores it, so a resumed run samples
-        what an uninterrupted one would). Un-gathered ZeRO-3 over several processes keeps `model.generate` with
-        synced_gpus: each forward all-gathers the layers, so every rank must run as many forwards as the slowest."""
-        config, pad_id = self.config, self.tokenizer.pad_token_id
-        if self.zero_stage == 3 and not config.gather_params_for_generation and self.world_size > 1:
-            generated = self.actor.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                            generation_config=self.generation_config, synced_gpus=True)
-            return generated[:, prompt_ids.shape[1]:]
-        seeds = torch.randint(0, 2**62, (len(prompt_tokens),)).tolist()
-        answers = generation.generate_ids(self.actor, prompt_tokens, config.max_new_tokens, len(prompt_tokens), pad_id,
-                                          [self.tokenizer.eos_token_id], seeds, config.temperature, config.top_p)
-        width = max(1, max(len(answer) for answer in answers))
-        return torch.tensor([answer + [pad_id] * (width - len(answer)) for answer in answers], dtype=torch.long, device=self.device)
+        right padded, by `model.generate` from the global RNG (seeded per process; a checkpoint restores it).
+        Un-gathered ZeRO-3 over several processes generates with synced_gpus: each forward all-gathers the layers, so
+        every rank must run as many forwards as the slowest.
+
+        Not yet the shared continuous-batching loop (`stages.generation.generate_ids`, which samples the same
+        distribution and supports top_p): switched to it on 2026-12-07, the annotator-world test's PPO gain fell below
+        its bar (+0.27 against +0.3) together with the padding-free SFT fixture, and passed with either change alone;
+        kept on `model.generate` until the gain is measured over several seeds with the loop."""
+        generated = self.actor.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config,
+            synced_gpus=self.zero_stage == 3 and not self.config.gather_params_for_generation and self.world_size > 1,
+        )
+        return generated[:, prompt_ids.shape[1]:]
 
     def _function_scores(self, function: RewardFunction, name: str, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         scores = torch.as_tensor(function(prompts, responses), dtype=torch.float32).to(self.device)

@@ -126,11 +126,10 @@ def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path
         torch.testing.assert_close(rollout.rewards[row, length - 1], rollout.raw_scores[row], atol=1e-6, rtol=0)
 
 
-def test_rollout_samples_with_the_shared_decode_loop(tokenizer, tmp_path):
-    """The rollout samples through stages.generation.generate_ids (continuous batching). At a top_p so small that
-    the nucleus is the most likely token alone, every row's response is the greedy answer of `model.generate` on
-    its prompt alone (prompts of different lengths, so rows are left padded against each other); and the same
-    global seed draws the same responses at temperature 1, another seed others."""
+def test_rollout_samples_are_seeded_and_greedy_at_a_tiny_top_p(tokenizer, tmp_path):
+    """At a top_p so small that the nucleus is the most likely token alone, every row's response is the greedy
+    answer of `model.generate` on its prompt alone (prompts of different lengths, so rows are left padded against
+    each other); and the same global seed draws the same responses at temperature 1, another seed others."""
     actor = causal_lm(0)
     with torch.no_grad():  # scaled, the random model's greedy tokens vary from step to step (see test_generation.py)
         for parameter in actor.parameters():

@@ -11,7 +11,7 @@ Under the deepspeed launcher `generate` is collective: every rank calls it, answ
 prompts (core.distributed.map_shards) and gets every answer. Each sampled prompt draws from a generator
 seeded by (seed, its index in the caller's list) (`batch_seed`), so on-policy samples are the same at any
 number of ranks and any batch size. `generate_ids` is the same loop on one process's token ids, not
-collective: our PPO's rollout samples its own prompts with it.
+collective (with nucleus sampling, for a rollout; our PPO still samples with `model.generate`, see PPOTrainer.generate_responses).
 
 May import: `stages.core` and torch; nothing above (checked by import-linter).
 """
@@ -208,8 +208,8 @@ def generate_ids(
     on_finished: Any = None,
 ) -> list[list[int]]:
     """Each prompt's new token ids (up to and including its stop token), in the order of `token_ids`, which is the
-    order they join the batch. Not collective: this process's prompts only (our PPO's rollout; `generate` deals
-    prompts to ranks and calls this). Greedy when `seeds` is None; sampled, prompt i draws from a generator seeded
+    order they join the batch. Not collective: this process's prompts only (`generate` deals prompts to ranks and
+    calls this). Greedy when `seeds` is None; sampled, prompt i draws from a generator seeded
     `seeds[i]`, from softmax(logits / temperature) cut to its `top_p` nucleus.
 
     Continuous batching (stages.core.continuous), or `model.generate` in fixed batches where our cache does not fit

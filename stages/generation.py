@@ -11,7 +11,8 @@ Under the deepspeed launcher `generate` is collective: every rank calls it, answ
 prompts (core.distributed.map_shards) and gets every answer. Each sampled prompt draws from a generator
 seeded by (seed, its index in the caller's list) (`batch_seed`), so on-policy samples are the same at any
 number of ranks and any batch size. `generate_ids` is the same loop on one process's token ids, not
-collective (with nucleus sampling, for a rollout; our PPO still samples with `model.generate`, see PPOTrainer.generate_responses).
+collective (with nucleus sampling, for a rollout; our PPO still samples with `model.generate`, see
+PPOTrainer.generate_responses).
 
 May import: `stages.core` and torch; nothing above (checked by import-linter).
 """

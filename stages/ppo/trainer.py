@@ -190,14 +190,13 @@ class PPOTrainer:
         """Generate responses to the given prompts of this process's shard, score them, estimate advantages."""
         config, pad_id, eos_id = self.config, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         started = time.perf_counter()
-        prompt_tokens = [self.prompt_token_ids[i] for i in prompt_indices]
-        prompt_ids, prompt_mask = generation.left_pad(prompt_tokens, pad_id, self.device)
+        prompt_ids, prompt_mask = generation.left_pad([self.prompt_token_ids[i] for i in prompt_indices], pad_id, self.device)
         prompt_len = prompt_ids.shape[1]
         gathered = engine.gathered_for_generation(
             self.actor, self.trained_actor.engine, self.zero_stage, config.gather_params_for_generation
         )
         with gathered:
-            generated = self.generate_responses(prompt_tokens, prompt_ids, prompt_mask)
+            generated = self.generate_responses(prompt_ids, prompt_mask)
         response_mask = response_mask_from_eos(generated, eos_id)  # (batch, response_len)
         response_ids = generated.masked_fill(response_mask == 0, pad_id)
         generation_seconds, started = time.perf_counter() - started, time.perf_counter()
@@ -245,8 +244,8 @@ class PPOTrainer:
             scoring_seconds=time.perf_counter() - started, proxy_scores=proxy_scores, gold_scores=gold_scores,
         )
 
-    def generate_responses(self, prompt_tokens: list[list[int]], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Sampled responses to the prompts (token lists, and the same left padded), (batch, longest response),
+    def generate_responses(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Sampled responses to the left-padded prompts, (batch, longest response),
         right padded, by `model.generate` from the global RNG (seeded per process; a checkpoint restores it).
         Un-gathered ZeRO-3 over several processes generates with synced_gpus: each forward all-gathers the layers, so
         every rank must run as many forwards as the slowest.

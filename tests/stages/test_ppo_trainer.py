@@ -96,7 +96,7 @@ def test_rollout_masks_padding_and_matches_unpadded_forwards(tokenizer, tmp_path
                            model_config=model_config)
     forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, 41, 42, 43, 44], [40, 41, 42, 43, eos]])
 
-    trainer.generate_responses = lambda prompt_tokens, prompt_ids, prompt_mask: forced
+    trainer.generate_responses = lambda prompt_ids, prompt_mask: forced
     indices = [0, 4, 8, 2]  # prompt lengths differ: 1, 5, 9, 3 "q"s
     rollout = trainer.rollout(indices)
     expected_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.float32)
@@ -168,7 +168,7 @@ def test_rollout_reads_a_likelihood_reward_model_at_each_sequence_end(tokenizer,
     eos, junk = tokenizer.eos_token_id, 69
     marker = tokenizer.convert_tokens_to_ids("<|assistant|>")
     forced = torch.tensor([[40, 41, eos, junk, junk], [eos, junk, junk, junk, junk], [40, marker, 42, 43, 44], [40, 41, 42, 43, eos]])
-    trainer.generate_responses = lambda prompt_tokens, prompt_ids, prompt_mask: forced
+    trainer.generate_responses = lambda prompt_ids, prompt_mask: forced
     indices = [0, 4, 8, 2]
     rollout = trainer.rollout(indices)
     for row, (index, length) in enumerate(zip(indices, [3, 1, 5, 5])):
@@ -214,7 +214,7 @@ def test_scores_normalised_clipped_and_penalised_without_eos(tokenizer, tmp_path
                            batch_size=4, mini_batch_size=2, max_new_tokens=3, reward_normalisation="batch", reward_clip=1.0,
                            missing_eos_penalty=0.5)
     forced = torch.tensor([[40, eos, 0], [eos, 0, 0], [40, 41, 42], [40, 41, eos]])
-    trainer.generate_responses = lambda prompt_tokens, prompt_ids, prompt_mask: forced
+    trainer.generate_responses = lambda prompt_ids, prompt_mask: forced
     rollout = trainer.rollout([0, 1, 2, 3])
     torch.testing.assert_close(rollout.raw_scores, torch.tensor([1.0, 2.0, 3.0, 4.0]))
     torch.testing.assert_close(rollout.scores, torch.tensor([-1.0, -0.447214, -0.052786, 1.0]), atol=1e-5, rtol=0)

@@ -85,7 +85,27 @@ def generate(
     progress: str | None = None,
 ) -> list[str]:
     """Answer chat prompts; returns decoded responses without special tokens, in the order of `prompts`.
-    Collective under the launcher.
+    Collective under the launcher. `generate_ended` takes the same arguments and also says which answers ended."""
+    return generate_ended(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, seed,
+                          stop_token_ids, sort_by_length, max_batch_tokens, progress)[0]
+
+
+def generate_ended(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Messages],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    stop_token_ids: list[int] | None = None,
+    sort_by_length: bool = False,
+    max_batch_tokens: int | None = None,
+    progress: str | None = None,
+) -> tuple[list[str], list[bool]]:
+    """`generate`'s answers, and for each whether the model ended it with a stop token (False: cut at
+    `max_new_tokens`, mid-sentence or in a loop). Collective under the launcher.
 
     Continuous batching (stages.core.continuous): up to `batch_size` rows decode at once and a stopped row's slot
     goes to the next waiting prompt. Under the launcher each rank takes every world_size-th prompt of the
@@ -106,13 +126,12 @@ def generate(
     size = distributed.world_size()
     bar = _progress_bar(progress, len(prompts))
 
-    def answer(_: int, share: list[list[int]]) -> list[list[str]]:
+    def answer(_: int, share: list[list[int]]) -> list[list[tuple[str, bool]]]:
         """One rank's share of the prompts (their indices in `prompts`, in admission order), answered."""
         on_finished = None if bar is None else lambda count: bar.update(min(count * size, bar.total - bar.n))
         indices = share[0]
-        texts = _generate_share(model, tokenizer, [token_ids[i] for i in indices], indices, max_new_tokens, batch_size,
-                                do_sample, temperature, seed, stop_token_ids, max_batch_tokens, on_finished)
-        return [texts]
+        return [_generate_share(model, tokenizer, [token_ids[i] for i in indices], indices, max_new_tokens, batch_size,
+                                do_sample, temperature, seed, stop_token_ids, max_batch_tokens, on_finished)]
 
     try:
         # One share per rank (map_shards deals item r to rank r): every rank runs its own continuous batch.
@@ -120,11 +139,11 @@ def generate(
     finally:
         if bar is not None:
             bar.close()
-    responses = [""] * len(prompts)
-    for rank, texts in enumerate(shares):
-        for index, text in zip(order[rank::size], texts):
-            responses[index] = text
-    return responses
+    responses, ended = [""] * len(prompts), [False] * len(prompts)
+    for rank, answers in enumerate(shares):
+        for index, (text, stopped) in zip(order[rank::size], answers):
+            responses[index], ended[index] = text, stopped
+    return responses, ended
 
 
 def _length_sorted_chunks(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
@@ -192,14 +211,16 @@ def _generate_share(
     model: Any, tokenizer: Any, token_ids: list[list[int]], indices: list[int], max_new_tokens: int, batch_size: int,
     do_sample: bool, temperature: float, seed: int, stop_token_ids: list[int] | None, max_batch_tokens: int | None,
     on_finished: Any,
-) -> list[str]:
+) -> list[tuple[str, bool]]:
     """One process's prompts (token ids; `indices`: their places in the caller's list, which seed their samples)
-    answered and decoded."""
+    answered and decoded, each with whether it ended with a stop token."""
     seeds = [batch_seed(seed, index) for index in indices] if do_sample else None
-    answers = generate_ids(model, token_ids, max_new_tokens, batch_size, tokenizer.pad_token_id,
-                           stop_token_ids or _as_list(tokenizer.eos_token_id), seeds, temperature,
+    stops = stop_token_ids or _as_list(tokenizer.eos_token_id)
+    answers = generate_ids(model, token_ids, max_new_tokens, batch_size, tokenizer.pad_token_id, stops, seeds, temperature,
                            max_batch_tokens=max_batch_tokens, on_finished=on_finished)
-    return tokenizer.batch_decode(answers, skip_special_tokens=True)
+    # Any stop token, not the last one: `model.generate`'s batches pad an ended row after it (pad may be eos).
+    ended = [any(token in stops for token in answer) for answer in answers]
+    return list(zip(tokenizer.batch_decode(answers, skip_special_tokens=True), ended))
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 every answer, and the stage registers a **dataset** (registry kind `samples`) that later stages read by reference.
 
 What it writes (in its output directory, each file complete or absent):
-- `samples.jsonl`: every sample with its total score and each function's score;
+- `samples.jsonl`: every sample with its total score, each function's score, and whether the model ended it
+  (`ended`; false: cut at `max_new_tokens`);
 - `rows.jsonl` (split `rows`): per prompt, its best sample as a conversation (`messages`), kept when its score
   reaches `keep_threshold`: rejection-sampling fine-tuning data (Llama 2's RS, STaR), for the SFT stage;
 - `pairs.jsonl` (split `pairs`): per prompt, best versus worst sample when the scores differ by more than
@@ -11,8 +12,8 @@ What it writes (in its output directory, each file complete or absent):
 A stage reads them as `datasets: [{source: RUN/samples, split: rows}]` (or `split: pairs`); the entry's lineage
 records the model, the scorers, the prompt sources, the seed and the sampling settings.
 
-Departures: best and worst are by total score, ties broken by sample order; a prompt whose samples all score
-alike gives no pair. The model samples at `temperature` with stages/generation.py, each sample from its own generator seeded by
+Departures: best and worst are by total score, ties broken by sample order (`require_ended`: towards an ended best
+and a cut worst, and never a cut best); a prompt whose samples all score alike gives no pair. The model samples at `temperature` with stages/generation.py, each sample from its own generator seeded by
 (seed, its index), so the same config draws the same samples on 1 or N ranks and at any batch size.
 
 Run:
@@ -71,6 +72,10 @@ class SampleStageConfig(StageConfig):
         "help": "Rows with IFEval constraints (instruction_id_list, kwargs): each sample also rewritten to follow them "
                 "(stages/tasks/constraints.py), scored by the same scorers; rows and the chosen side of pairs may be "
                 "repaired answers, the rejected side is always the model's own."})
+    require_ended: bool = field(default=False, metadata={
+        "help": "rows and the chosen side of pairs only from answers the model ended itself, not cut at max_new_tokens "
+                "(a cut answer, trained on, teaches stopping mid-sentence; most cut answers of a small model are loops); "
+                "among equal scores the chosen side is an ended answer and the rejected side a cut one."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,19 +127,19 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
 
         # -- sample and score (the stage's "train" section) -----------------------------------
         prompts = [row["prompt"] for row in rows for _ in range(config.num_samples)]
-        responses = generation.generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
-                                        do_sample=True, temperature=config.temperature, seed=config.seed, progress="sample")
+        responses, ended = generation.generate_ended(model, tokenizer, prompts, config.max_new_tokens, config.batch_size,
+                                                     do_sample=True, temperature=config.temperature, seed=config.seed, progress="sample")
         stage.check_alive()
         columns = {key: [row.get(key) for row in rows for _ in range(config.num_samples)] for key in sorted({k for r in rows for k in r} - {"prompt"})}
         totals, per_function = score(prompts, responses, columns, functions, reward_model, tokenizer, config.reward_model_weight)
         samples = [
             {"prompt": prompt, "response": response, "score": total, "prompt_index": index // config.num_samples,
-             "sample": index % config.num_samples, "scores": {name: scores[index] for name, scores in per_function.items()}}
+             "sample": index % config.num_samples, "ended": ended[index], "scores": {name: scores[index] for name, scores in per_function.items()}}
             for index, (prompt, response, total) in enumerate(zip(prompts, responses, totals))
         ]
         if config.repair:
             samples += repaired_samples(samples, columns, functions, reward_model, tokenizer, config.reward_model_weight)
-        kept_rows, pairs = select(samples, config.keep_threshold, config.min_margin)
+        kept_rows, pairs = select(samples, config.keep_threshold, config.min_margin, config.require_ended)
         for record in kept_rows + pairs:  # the prompt row's columns ride along: GRPO/PPO can score the pairs' prompts
             record.update({key: rows[record["prompt_index"]].get(key) for key in columns})
 
@@ -153,7 +158,7 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
             "base": base_name(base),
             "data": f"{len(rows)} prompts from {', '.join(spec.source for spec in config.datasets)}, {config.num_samples} samples each, scored by {', '.join(scorers)}",
             "config": {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "keep_threshold": config.keep_threshold,
-                       "min_margin": config.min_margin},
+                       "min_margin": config.min_margin, "require_ended": config.require_ended},
             "steps": len(samples),
             "dataset": True,
         }
@@ -199,12 +204,15 @@ def repaired_samples(samples: list[dict[str, Any]], columns: dict[str, list[Any]
     ]
 
 
-def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_margin: float) -> tuple[list[dict], list[dict]]:
+def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_margin: float,
+           require_ended: bool = False) -> tuple[list[dict], list[dict]]:
     """Per prompt (samples sharing a `prompt_index`): the best sample as an SFT row if it reaches the threshold, and
     best versus worst as a preference pair if their margin exceeds `min_margin`; the worst is always one of the
     model's own samples, never a repaired one. Empty answers (the model ended its turn at once) are neither: an SFT
     row would teach silence, and a pair with an empty side is malformed for every preference loader
-    (stages/data/preferences.py); `samples/empty` counts them."""
+    (stages/data/preferences.py); `samples/empty` counts them. `require_ended`: the best only among answers the model
+    ended (a sample's `ended`, absent: True; a repair inherits its source's), ties broken towards ended answers for
+    the best and cut ones for the worst."""
     groups: dict[int, list[dict[str, Any]]] = {}
     for sample in samples:
         groups.setdefault(sample["prompt_index"], []).append(sample)
@@ -216,6 +224,12 @@ def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_marg
             continue
         best = max(group, key=lambda sample: sample["score"])  # the first of equals: sample order breaks ties
         worst = min(own or group, key=lambda sample: sample["score"])
+        if require_ended:
+            ended = [sample for sample in group if sample.get("ended", True)]
+            if not ended:
+                continue
+            best = max(ended, key=lambda sample: sample["score"])
+            worst = min(own or group, key=lambda sample: (sample["score"], sample.get("ended", True)))  # False < True: cut first
         if keep_threshold is None or best["score"] >= keep_threshold:
             rows.append({"messages": best["prompt"] + [{"role": "assistant", "content": best["response"]}], "score": best["score"],
                          "repaired": bool(best.get("repaired")), "prompt_index": prompt_index})
@@ -241,6 +255,7 @@ def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompt
         "samples/margin_mean": sum(pair["margin"] for pair in pairs) / len(pairs) if pairs else 0.0,
         "samples/response_length": sum(len(sample["response"]) for sample in samples) / len(samples),
         "samples/empty": float(sum(not sample["response"].strip() for sample in samples)),
+        "samples/cut": float(sum(not sample.get("ended", True) for sample in samples if not sample.get("repaired"))),
     }
     repaired = [sample for sample in samples if sample.get("repaired")]
     if repaired:

@@ -143,6 +143,18 @@ def test_generate_answers_in_the_callers_order(tiny_model, tiny_tokenizer) -> No
         assert got == expected
 
 
+def test_generate_ended_says_which_answers_the_model_ended(tiny_model, tiny_tokenizer) -> None:  # noqa: ANN001
+    """An answer is ended when the model emitted a stop token before the cap, cut otherwise: the same flags from our
+    loop and from model.generate's padded batches (where a stopped row goes on with padding, here the stop token)."""
+    stop = _stops_some_rows_early(tiny_model, tiny_tokenizer)
+    alone = _alone(tiny_model, tiny_tokenizer, MANY, 12, stop)
+    expected = [any(token in stop for token in row) for row in alone]
+    assert 0 < sum(expected) < len(expected), expected  # both kinds present: the flags can be wrong either way
+    texts, ended = generation.generate_ended(tiny_model, tiny_tokenizer, MANY, 12, batch_size=3, stop_token_ids=stop)
+    assert ended == expected
+    assert texts == tiny_tokenizer.batch_decode(alone, skip_special_tokens=True)
+
+
 def _sampled(model, tokenizer, prompts, batch_size, seed=1, temperature=1.0, stop=None, sort_by_length=False) -> list[str]:  # noqa: ANN001
     return generation.generate(model, tokenizer, prompts, 12, batch_size=batch_size, do_sample=True, temperature=temperature,
                                seed=seed, stop_token_ids=stop, sort_by_length=sort_by_length)
@@ -265,6 +277,12 @@ def test_a_sliding_window_model_answers_through_model_generate(tiny_tokenizer) -
         for index, answer in zip(batch, tiny_tokenizer.batch_decode(answers, skip_special_tokens=True)):
             expected[index] = answer
     assert generation.generate(model, tiny_tokenizer, PROMPTS, 6, batch_size=2, sort_by_length=True) == expected
+    # Ended flags from the padded batches: a stop token some answers emit and others do not (a row that stops goes
+    # on with padding, so the flag is "any stop token", not "the last token").
+    free = _alone(model, tiny_tokenizer, PROMPTS, 6, [])
+    stop = [next(token for row in free for token in row if 0 < sum(token in other for other in free) < len(free))]
+    _, ended = generation.generate_ended(model, tiny_tokenizer, PROMPTS, 6, batch_size=2, stop_token_ids=stop, sort_by_length=True)
+    assert ended == [stop[0] in row for row in free]
 
 
 def test_smollm2_greedy_tokens_are_those_of_model_generate(smollm2: Path) -> None:

@@ -110,6 +110,24 @@ def test_empty_answers_are_neither_rows_nor_pair_sides() -> None:
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("good", "bad")]
 
 
+def test_require_ended_keeps_cut_answers_out_of_rows_and_chosen_and_prefers_them_as_rejected() -> None:
+    """An answer cut at max_new_tokens (`ended` false) is never a row or a chosen side under `require_ended`, however
+    it scores; a prompt with only cut answers gives neither; the rejected side is a cut answer among equal scores.
+    Without the option, the scores alone decide (as before)."""
+    def sampled(prompt_index: int, *answers: tuple[str, float, bool]) -> list[dict]:
+        return [{"prompt": [{"role": "user", "content": "q"}], "response": text, "score": score, "sample": i,
+                 "prompt_index": prompt_index, "ended": ended} for i, (text, score, ended) in enumerate(answers)]
+
+    samples = (sampled(0, ("loop loop", 2.0, False), ("short", 1.0, True), ("bad", 0.0, True), ("cut bad", 0.0, False))
+               + sampled(1, ("cut a", 1.0, False), ("cut b", 0.0, False)))
+    rows, pairs = sample.select(samples, 0.5, 0.0, require_ended=True)
+    assert [row["messages"][-1]["content"] for row in rows] == ["short"]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("short", "cut bad")]
+    rows, pairs = sample.select(samples, 0.5, 0.0)
+    assert [row["messages"][-1]["content"] for row in rows] == ["loop loop", "cut a"]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("loop loop", "bad"), ("cut a", "cut b")]
+
+
 def test_sample_needs_a_scorer() -> None:
     from stages.core.config import ConfigError
 

@@ -75,6 +75,12 @@ class BenchmarkRun:
     scores: dict[str, Any]
     results: list[scores.PromptResult]
     seconds: float
+    ended: list[bool]  # per prompt: did the model end its answer (False: cut at max_new_tokens)
+
+    @property
+    def cut(self) -> float:
+        """The share of answers cut at max_new_tokens (not ended by the model): loops, mostly, on a small model."""
+        return sum(not ended for ended in self.ended) / max(len(self.ended), 1)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Registry metrics: the numbers, per type, and the generation settings (`eval/NAME/max_new_tokens` ...)."""
@@ -84,6 +90,7 @@ class BenchmarkRun:
             # Does the model still answer? Mean answer length, and the share of answers that loop (reward/functions.py).
             base + "answer_words": sum(words) / max(len(words), 1),
             base + "repetitive": sum(repetition(result.response) > REPETITIVE for result in self.results) / max(len(self.results), 1),
+            base + "cut": self.cut,
             base + "max_new_tokens": float(self.settings.max_new_tokens),
             base + "batch_size": float(self.settings.batch_size),
             base + "max_batch_tokens": float(self.settings.max_batch_tokens),
@@ -99,13 +106,13 @@ def run(model: Any, tokenizer: Any, benchmark: suites.Benchmark, settings: Setti
     checkers.setup_offline(benchmark.suite)
     model = _in_dtype(model, settings.dtype)
     messages = [[{"role": "user", "content": prompt.prompt}] for prompt in benchmark.prompts]
-    responses = generation.generate(
+    responses, ended = generation.generate_ended(
         model, tokenizer, messages, settings.max_new_tokens, settings.batch_size,
         stop_token_ids=generation.end_of_turn_ids(model, tokenizer), sort_by_length=True,
         max_batch_tokens=settings.max_batch_tokens, progress=title or benchmark.name,
     )
     results = score_responses(benchmark, responses)
-    return BenchmarkRun(benchmark, settings, scores.aggregate(results), results, time.time() - started)
+    return BenchmarkRun(benchmark, settings, scores.aggregate(results), results, time.time() - started, ended)
 
 
 def score_responses(benchmark: suites.Benchmark, responses: list[str]) -> list[scores.PromptResult]:
@@ -130,7 +137,7 @@ def write_files(result: BenchmarkRun, directory: Path, model_ref: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     import json
 
-    rows = [{"key": r.key, "prompt": r.prompt, "response": r.response} for r in result.results]
+    rows = [{"key": r.key, "prompt": r.prompt, "response": r.response, "ended": ended} for r, ended in zip(result.results, result.ended)]
     atomic_write(directory / "responses.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     atomic_write(directory / "results.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in result.results))
     write_json(path, {
@@ -141,6 +148,7 @@ def write_files(result: BenchmarkRun, directory: Path, model_ref: str) -> Path:
         "prompts_in_file": result.benchmark.total,
         "settings": asdict(result.settings) | {"greedy": True, "chat_template": "one user turn, add_generation_prompt"},
         "seconds": round(result.seconds, 1),
+        "cut": result.cut,
         **result.scores,
     })
     return path
@@ -156,6 +164,7 @@ def describe(result: BenchmarkRun, per_type: bool = True) -> str:
         *[f"  {key:<20} {s[key]:.4f}" for key in scores.HEADLINE],
         f"  {'unavailable':<20} {s['unavailable']}" + (f"  ({_named(s['unavailable_ids'])}: {'; '.join(s['unavailable_why'])}; counted as not followed)" if s["unavailable"] else ""),
         f"  {'checker errors':<20} {s['errors']}" + (f"  ({_named(s['error_ids'])}; counted as not followed)" if s["errors"] else ""),
+        f"  {'cut at the cap':<20} {result.cut:.4f}  (answers the model did not end within max_new_tokens)",
     ]
     if per_type:
         lines.append("  per instruction type (strict / loose, instructions):")

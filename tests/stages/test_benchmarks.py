@@ -313,7 +313,11 @@ def test_rlhf_eval_scores_an_ifeval_format_file_and_writes_its_files(isolated_ho
     scores_file = json.loads((folder / "scores.json").read_text())
     assert scores_file["model"].startswith("tiny-llama")
     assert scores_file["settings"]["max_new_tokens"] == 4 and scores_file["prompt_file"] == data
-    assert len((folder / "responses.jsonl").read_text().splitlines()) == 2
+    responses = [json.loads(line) for line in (folder / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 2
+    # The random tiny model never says its end of turn: both answers run to the 4-token cap.
+    assert [row["ended"] for row in responses] == [False, False]
+    assert scores_file["cut"] == 1.0 and printed["metrics"]["eval/ifeval_ifeval_sample/cut"] == 1.0
 
 
 def test_rlhf_eval_of_a_second_file_keeps_the_first_ones_files(isolated_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,12 +31,14 @@ def test_the_shipped_prompt_files_are_what_the_generator_writes(tmp_path: Path) 
 
 def _shrunk_recipe(tmp_path: Path) -> Path:
     """The shipped recipe with a handful of prompts, short answers and one optimiser step or two per stage. Rows keep
-    any answer (keep_threshold 0): 24-token answers rarely follow every constraint, and the chain needs rows."""
+    any answer (keep_threshold 0, require_ended false): 24-token answers rarely follow every constraint or end, and
+    the chain needs rows."""
     import yaml
 
     recipe = yaml.safe_load((REPO_ROOT / "configs/recipes/smollm2_if.yaml").read_text())
     few_prompts = {"datasets": [{"source": "data/instructions/train.jsonl", "num_examples": 4, "eval_fraction": 0}],
-                   "max_new_tokens": 24, "keep_threshold": 0.0}
+                   "max_new_tokens": 24, "keep_threshold": 0.0,
+                   "require_ended": False}
     benchmarks = {"benchmark_limit": 2, "benchmark_max_new_tokens": 16}
     sizes = {
         "if_samples": few_prompts,
@@ -70,7 +72,7 @@ def test_the_instruction_recipe_runs_under_the_launcher(smollm2: Path, isolated_
     assert entries["if_samples"].metrics["samples/repaired"] > 0  # repair: true in the shipped sampling config
     sft, policy = entries["if_sft"].metrics, entries["policy"].metrics
     for name in ("if_heldout_tasks", "if_heldout_constraints", "ifbench"):
-        for key in ("prompt_loose", "answer_words", "repetitive"):
+        for key in ("prompt_loose", "answer_words", "repetitive", "cut"):
             assert f"eval/{name}/{key}" in sft and f"eval/{name}/{key}" in policy, (name, key)
         assert f"eval/ref_{name}/prompt_loose" in sft  # the base, scored by the SFT stage
         assert f"eval/ref_{name}/prompt_loose" not in policy  # benchmark_start: false, the SFT stage scored it

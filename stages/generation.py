@@ -70,24 +70,11 @@ def batch_rng(model: Any, seed: int, batch_index: int) -> Iterator[None]:
         yield
 
 
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[Messages],
-    max_new_tokens: int,
-    batch_size: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    seed: int = 0,
-    stop_token_ids: list[int] | None = None,
-    sort_by_length: bool = False,
-    max_batch_tokens: int | None = None,
-    progress: str | None = None,
-) -> list[str]:
-    """Answer chat prompts; returns decoded responses without special tokens, in the order of `prompts`.
-    Collective under the launcher. `generate_ended` takes the same arguments and also says which answers ended."""
-    return generate_ended(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, seed,
-                          stop_token_ids, sort_by_length, max_batch_tokens, progress)[0]
+def generate(model: Any, tokenizer: Any, prompts: list[Messages], max_new_tokens: int, batch_size: int, **options: Any) -> list[str]:
+    """Answer chat prompts; returns decoded responses without special tokens, in the order of `prompts`: the answers of
+    `generate_ended`, whose keyword `options` it takes (do_sample, temperature, seed, stop_token_ids, sort_by_length,
+    max_batch_tokens, progress). Collective under the launcher."""
+    return generate_ended(model, tokenizer, prompts, max_new_tokens, batch_size, **options)[0]
 
 
 def generate_ended(
@@ -104,8 +91,9 @@ def generate_ended(
     max_batch_tokens: int | None = None,
     progress: str | None = None,
 ) -> tuple[list[str], list[bool]]:
-    """`generate`'s answers, and for each whether the model ended it with a stop token (False: cut at
-    `max_new_tokens`, mid-sentence or in a loop). Collective under the launcher.
+    """Answer chat prompts: decoded responses without special tokens, in the order of `prompts`, and for each whether
+    the model ended it with a stop token (False: cut at `max_new_tokens`, mid-sentence or in a loop). Collective under
+    the launcher.
 
     Continuous batching (stages.core.continuous): up to `batch_size` rows decode at once and a stopped row's slot
     goes to the next waiting prompt. Under the launcher each rank takes every world_size-th prompt of the

@@ -220,16 +220,12 @@ def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_marg
     for prompt_index in sorted(groups):
         group = [sample for sample in groups[prompt_index] if sample["response"].strip()]
         own = [sample for sample in group if not sample.get("repaired")]
-        if not group:
+        candidates = [sample for sample in group if sample.get("ended", True)] if require_ended else group
+        if not candidates:
             continue
-        best = max(group, key=lambda sample: sample["score"])  # the first of equals: sample order breaks ties
-        worst = min(own or group, key=lambda sample: sample["score"])
-        if require_ended:
-            ended = [sample for sample in group if sample.get("ended", True)]
-            if not ended:
-                continue
-            best = max(ended, key=lambda sample: sample["score"])
-            worst = min(own or group, key=lambda sample: (sample["score"], sample.get("ended", True)))  # False < True: cut first
+        best = max(candidates, key=lambda sample: sample["score"])  # the first of equals: sample order breaks ties
+        # require_ended: among equal scores a cut answer first (False < True)
+        worst = min(own or group, key=lambda sample: (sample["score"], require_ended and sample.get("ended", True)))
         if keep_threshold is None or best["score"] >= keep_threshold:
             rows.append({"messages": best["prompt"] + [{"role": "assistant", "content": best["response"]}], "score": best["score"],
                          "repaired": bool(best.get("repaired")), "prompt_index": prompt_index})

@@ -2,7 +2,8 @@
 
 - dpo: trl.DPOTrainer with an explicitly loaded reference (the SFT model; with LoRA, the actor with
   adapters disabled), `dpo.loss_type`/`dpo.beta` from config, padding-free pairs unless `padding_free: false`
-  (stages/data/packing.py);
+  (stages/data/packing.py); a side the model did not end (`chosen_ended`/`rejected_ended` false, from the sampling
+  stage) is tokenized without the turn's closing (stages/data/unended.py);
 - ppo: our PPO trainer (stages/ppo): actor and reference from SFT, reward model from stage 2, critic
   initialised from the reward model;
 - grpo / rloo: TRL's trainers with the stage-2 reward model as reward function;
@@ -25,7 +26,7 @@ from stages.core import tracking
 from stages.core.config import ConfigError
 from reward.functions import RewardFunctions, RewardFunctionSpec, bind_columns, call
 from stages.core.protocols import as_trl_reward
-from stages.data import batching, mixture, packing
+from stages.data import batching, mixture, packing, unended
 from stages.lifecycle import StageRun
 
 if TYPE_CHECKING:
@@ -61,14 +62,17 @@ def train_dpo(inputs: PolicyInputs) -> PolicyOutcome:
     from trl import DPOConfig, DPOTrainer
 
     config, stage = inputs.config, inputs.stage
-    # padding_free: policy and reference run each batch's sequences packed without padding (stages/data/packing.py).
-    trainer_class = packing.padding_free(batching.length_grouped(DPOTrainer, config.length_grouping), config.padding_free)
+    pairs = unended.with_ended_flags(_without_margins(mixture.strip_source(inputs.examples)))
+    # padding_free: policy and reference run each batch's sequences packed without padding (stages/data/packing.py);
+    # an answer the model did not end (cut at the sampling stage's max_new_tokens) keeps no closing end-of-turn.
+    trainer_class = packing.padding_free(batching.length_grouped(unended.unended_sides_open(DPOTrainer), config.length_grouping),
+                                         config.padding_free)
     trainer = trainer_class(
         model=inputs.policy,
         ref_model=inputs.reference,  # None with LoRA: TRL then uses the adapter-disabled policy
         args=trainers.trl_args(DPOConfig, stage, config, config.dpo),
         # DPO's loss has no margin term: the score margins of rated sources are not used.
-        train_dataset=trainers.shared_dataset(stage, Dataset.from_list(_without_margins(mixture.strip_source(inputs.examples)))),
+        train_dataset=trainers.shared_dataset(stage, Dataset.from_list(pairs)),
         processing_class=inputs.tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )

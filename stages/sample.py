@@ -236,6 +236,8 @@ def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_marg
                 "rejected": [{"role": "assistant", "content": worst["response"]}],
                 "score_chosen": best["score"], "score_rejected": worst["score"], "margin": margin, "prompt_index": prompt_index,
                 "chosen_repaired": bool(best.get("repaired")),
+                # DPO tokenizes an answer the model did not end without the turn's closing (stages/data/unended.py)
+                "chosen_ended": bool(best.get("ended", True)), "rejected_ended": bool(worst.get("ended", True)),
             })
     return rows, pairs
 

@@ -13,10 +13,13 @@
 - `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`);
 - `packing`: padding-free preference pairs for TRL's DPO and reward trainers (`padding_free`): each batch's
   sequences run through the model's backbone packed without padding, same loss and gradients as padded;
+- `unended`: preference pairs whose answers the model did not end (cut at the sampling stage's `max_new_tokens`),
+  tokenized for TRL's DPOTrainer without the chat template's closing end-of-turn;
 - `sft_packing`: padding-free SFT batches (`train.padding_free`): TRL's one-row batch re-laid first-fit into rows as
   wide as the longest sequence (`packing.first_fit_rows`), same loss and gradients as padded; imports TRL.
 
-May import: `stages.core`, `stages.tasks` (the embedded source) and third-party packages; nothing above
+May import: `stages.core`, `stages.tasks` (the embedded source), `stages.generation` (a tokenizer's end-of-turn
+tokens) and third-party packages; nothing above
 (checked by import-linter). The package re-exports `formats` and `preferences`, so `from stages import data;
 data.load_sft_rows(...)` reads as before.
 """

@@ -81,6 +81,8 @@ def convert_preference_row(row: dict[str, Any], where: str) -> dict[str, Any]:
       prompt (multi-turn pairs) join the prompt too, as TRL's `extract_prompt` would have it;
     - Anthropic HH-RLHF raw text (Human:/Assistant: transcripts), which TRL does not read.
     The margin: a `margin` column, else `score_chosen - score_rejected`, else `chosen_rating - rejected_rating`.
+    `chosen_ended`/`rejected_ended` (the sampling stage's; false: the model did not end that answer) ride along for
+    DPO (stages/data/unended.py).
     """
     from trl.data_utils import extract_prompt, maybe_extract_prompt
 
@@ -126,6 +128,11 @@ def convert_preference_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     margin = _margin(row, where)
     if margin is not None:
         pair["margin"] = margin
+    for flag in ("chosen_ended", "rejected_ended"):  # the sampling stage's: did the model end that answer itself
+        if row.get(flag) is not None:
+            if not isinstance(row[flag], bool):
+                raise DataError(f"{where}: {flag!r} must be true or false, got {row[flag]!r}")
+            pair[flag] = row[flag]
     return pair
 
 

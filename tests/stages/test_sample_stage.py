@@ -123,9 +123,11 @@ def test_require_ended_keeps_cut_answers_out_of_rows_and_chosen_and_prefers_them
     rows, pairs = sample.select(samples, 0.5, 0.0, require_ended=True)
     assert [row["messages"][-1]["content"] for row in rows] == ["short"]
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("short", "cut bad")]
+    assert [(p["chosen_ended"], p["rejected_ended"]) for p in pairs] == [(True, False)]  # DPO leaves the cut side open
     rows, pairs = sample.select(samples, 0.5, 0.0)
     assert [row["messages"][-1]["content"] for row in rows] == ["loop loop", "cut a"]
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("loop loop", "bad"), ("cut a", "cut b")]
+    assert [(p["chosen_ended"], p["rejected_ended"]) for p in pairs] == [(False, True), (False, False)]
 
 
 def test_sample_needs_a_scorer() -> None:

@@ -1,0 +1,63 @@
+"""Preference pairs whose answers the model did not end, tokenized as the model generated them.
+
+The chat template closes every assistant turn with its end-of-turn token (SmolLM2: `<|im_end|>` and a newline),
+so TRL's DPOTrainer, tokenizing a conversational pair, gives an answer the model never finished (cut at the
+sampling stage's `max_new_tokens`, mid-sentence or in a loop) an end the model never chose. On the rejected side
+that is a lesson in its own right: "after this loop, do not end the turn"; on the chosen side, "end mid-sentence".
+The sampling stage writes, per pair, whether the model ended each side (`chosen_ended`, `rejected_ended`:
+stages/sample.py); `unended_sides_open(trainer_class)` removes that closing from every tokenized side flagged
+false, so the pair holds exactly the tokens the model produced. Sides without a flag (pairs from files) keep the
+template's closing, as TRL gives it.
+
+`with_ended_flags(rows)` fills a missing flag with true once any row carries one (a mixture of sampled pairs and
+a file's pairs), since `datasets` takes a list's columns from its first row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages import generation
+
+ENDED_FLAGS = {"chosen_ids": "chosen_ended", "rejected_ids": "rejected_ended"}
+
+
+def with_ended_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows`, each with both flags (missing: true) when any row has one; unchanged otherwise."""
+    flags = [flag for flag in ENDED_FLAGS.values() if any(flag in row for row in rows)]
+    if not flags:
+        return rows
+    return [row | {flag: row.get(flag, True) for flag in ENDED_FLAGS.values()} for row in rows]
+
+
+def without_closing(ids: list[int], turn_ends: list[int]) -> list[int]:
+    """A side's completion ids without the template's closing: cut before the last end-of-turn token (and
+    whatever the template puts after it); unchanged when it has none."""
+    for position in range(len(ids) - 1, -1, -1):
+        if ids[position] in turn_ends:
+            return ids[:position]
+    return ids
+
+
+def open_unended(example: dict[str, Any], turn_ends: list[int]) -> dict[str, Any]:
+    """One tokenized pair with the closing removed from each side whose flag is false."""
+    return {column: without_closing(example[column], turn_ends) if example.get(flag) is False else example[column]
+            for column, flag in ENDED_FLAGS.items()}
+
+
+def unended_sides_open(trainer_class: type) -> type:
+    """`trainer_class` (TRL's DPOTrainer or a subclass) whose tokenized pairs leave unended sides open."""
+
+    class UnendedOpen(trainer_class):  # type: ignore[misc, valid-type]
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if not set(ENDED_FLAGS.values()) & set(dataset.column_names or []):
+                return dataset
+            from datasets import Dataset
+
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            described = {"desc": f"Leaving {dataset_name}'s unended answers open"} if isinstance(dataset, Dataset) else {}
+            return dataset.map(open_unended, fn_kwargs={"turn_ends": generation.stop_ids(None, tokenizer)}, **described)
+
+    UnendedOpen.__name__ = UnendedOpen.__qualname__ = trainer_class.__name__
+    return UnendedOpen

@@ -24,8 +24,7 @@ ENDED_FLAGS = {"chosen_ids": "chosen_ended", "rejected_ids": "rejected_ended"}
 
 def with_ended_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`rows`, each with both flags (missing: true) when any row has one; unchanged otherwise."""
-    flags = [flag for flag in ENDED_FLAGS.values() if any(flag in row for row in rows)]
-    if not flags:
+    if not any(flag in row for row in rows for flag in ENDED_FLAGS.values()):
         return rows
     return [row | {flag: row.get(flag, True) for flag in ENDED_FLAGS.values()} for row in rows]
 

@@ -8,7 +8,8 @@
   initialised from the reward model;
 - grpo / rloo: TRL's trainers with the stage-2 reward model as reward function;
 - kto: trl.KTOTrainer on unpaired feedback (a thumbs up or down on one answer; pairs unpaired), reference as
-  for DPO, `kto.desirable_weight`/`kto.undesirable_weight`/`kto.beta` from config.
+  for DPO, `kto.desirable_weight`/`kto.undesirable_weight`/`kto.beta` from config; an answer the model did not end
+  (`ended` false) is tokenized without the turn's closing, as for DPO.
 PPO, GRPO and RLOO are rewarded by the reward model (`reward_model_weight`) and the configured reward functions
 (`reward_functions:`, reward/functions.py), a weighted sum; each function is logged apart. Where the prompts have
 answers and `exact_answer` is not among the functions, it rides along as a gold reward, logged, never optimised:
@@ -85,11 +86,12 @@ def train_kto(inputs: PolicyInputs) -> PolicyOutcome:
     from trl import KTOConfig, KTOTrainer
 
     config, stage = inputs.config, inputs.stage
-    trainer = KTOTrainer(
+    rows = unended.with_ended_flags(mixture.strip_source(inputs.examples), unended.FEEDBACK_FLAG)
+    trainer = unended.unended_completions_open(KTOTrainer)(  # an answer the model did not end stays open
         model=inputs.policy,
         ref_model=inputs.reference,  # None with LoRA: TRL then uses the adapter-disabled policy
         args=trainers.trl_args(KTOConfig, stage, config, config.kto),
-        train_dataset=trainers.shared_dataset(stage, Dataset.from_list(mixture.strip_source(inputs.examples))),
+        train_dataset=trainers.shared_dataset(stage, Dataset.from_list(rows)),
         processing_class=inputs.tokenizer,
         peft_config=config.lora.peft_config("CAUSAL_LM") if config.lora.enabled else None,
     )

@@ -76,6 +76,10 @@ class SampleStageConfig(StageConfig):
         "help": "rows and the chosen side of pairs only from answers the model ended itself, not cut at max_new_tokens "
                 "(a cut answer, trained on, teaches stopping mid-sentence; most cut answers of a small model are loops); "
                 "among equal scores the chosen side is an ended answer and the rejected side a cut one."})
+    prefer_short: bool = field(default=False, metadata={
+        "help": "among the answers with the best score, the shortest (in words) is the row and the chosen side, and among "
+                "the worst the longest is the rejected side: a longer answer the checkers pass no better teaches length "
+                "nobody asked for (default: the first in sample order)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,7 +143,7 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
         ]
         if config.repair:
             samples += repaired_samples(samples, columns, functions, reward_model, tokenizer, config.reward_model_weight)
-        kept_rows, pairs = select(samples, config.keep_threshold, config.min_margin, config.require_ended)
+        kept_rows, pairs = select(samples, config.keep_threshold, config.min_margin, config.require_ended, config.prefer_short)
         for record in kept_rows + pairs:  # the prompt row's columns ride along: GRPO/PPO can score the pairs' prompts
             record.update({key: rows[record["prompt_index"]].get(key) for key in columns})
 
@@ -158,7 +162,8 @@ def run(config: SampleStageConfig) -> dict[str, Any]:
             "base": base_name(base),
             "data": f"{len(rows)} prompts from {', '.join(spec.source for spec in config.datasets)}, {config.num_samples} samples each, scored by {', '.join(scorers)}",
             "config": {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "keep_threshold": config.keep_threshold,
-                       "min_margin": config.min_margin, "require_ended": config.require_ended},
+                       "min_margin": config.min_margin, "require_ended": config.require_ended,
+                       "prefer_short": config.prefer_short},
             "steps": len(samples),
             "dataset": True,
         }
@@ -205,14 +210,15 @@ def repaired_samples(samples: list[dict[str, Any]], columns: dict[str, list[Any]
 
 
 def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_margin: float,
-           require_ended: bool = False) -> tuple[list[dict], list[dict]]:
+           require_ended: bool = False, prefer_short: bool = False) -> tuple[list[dict], list[dict]]:
     """Per prompt (samples sharing a `prompt_index`): the best sample as an SFT row if it reaches the threshold, and
     best versus worst as a preference pair if their margin exceeds `min_margin`; the worst is always one of the
     model's own samples, never a repaired one. Empty answers (the model ended its turn at once) are neither: an SFT
     row would teach silence, and a pair with an empty side is malformed for every preference loader
     (stages/data/preferences.py); `samples/empty` counts them. `require_ended`: the best only among answers the model
     ended (a sample's `ended`, absent: True; a repair inherits its source's), ties broken towards ended answers for
-    the best and cut ones for the worst."""
+    the best and cut ones for the worst. `prefer_short`: then, among equal scores, the fewest words for the best and
+    the most for the worst."""
     groups: dict[int, list[dict[str, Any]]] = {}
     for sample in samples:
         groups.setdefault(sample["prompt_index"], []).append(sample)
@@ -223,9 +229,11 @@ def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_marg
         candidates = [sample for sample in group if sample.get("ended", True)] if require_ended else group
         if not candidates:
             continue
-        best = max(candidates, key=lambda sample: sample["score"])  # the first of equals: sample order breaks ties
+        # the first of equals: sample order breaks the ties left
+        best = max(candidates, key=lambda sample: (sample["score"], -words(sample) if prefer_short else 0))
         # require_ended: among equal scores a cut answer first (False < True)
-        worst = min(own or group, key=lambda sample: (sample["score"], require_ended and sample.get("ended", True)))
+        worst = min(own or group, key=lambda sample: (sample["score"], require_ended and sample.get("ended", True),
+                                                      -words(sample) if prefer_short else 0))
         if keep_threshold is None or best["score"] >= keep_threshold:
             rows.append({"messages": best["prompt"] + [{"role": "assistant", "content": best["response"]}], "score": best["score"],
                          "repaired": bool(best.get("repaired")), "prompt_index": prompt_index})
@@ -242,6 +250,10 @@ def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_marg
     return rows, pairs
 
 
+def words(sample: dict[str, Any]) -> int:
+    return len(sample["response"].split())
+
+
 def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompts: int, per_function: dict[str, list[float]]) -> dict[str, float]:
     scores = [sample["score"] for sample in samples]
     mean = sum(scores) / len(scores)
@@ -255,6 +267,10 @@ def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompt
         "samples/empty": float(sum(not sample["response"].strip() for sample in samples)),
         "samples/cut": float(sum(not sample.get("ended", True) for sample in samples if not sample.get("repaired"))),
     }
+    for name, answers in (("row", [row["messages"][-1] for row in rows]), ("chosen", [pair["chosen"][0] for pair in pairs]),
+                          ("rejected", [pair["rejected"][0] for pair in pairs])):
+        if answers:  # what the kept answers teach about length (prefer_short)
+            metrics[f"samples/{name}_words"] = sum(len(answer["content"].split()) for answer in answers) / len(answers)
     repaired = [sample for sample in samples if sample.get("repaired")]
     if repaired:
         metrics["samples/repaired"] = float(len(repaired))

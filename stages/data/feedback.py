@@ -74,10 +74,20 @@ def convert_feedback_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else check_messages(completion, where, "completion")
     if completion[-1]["role"] != "assistant" or not completion[-1]["content"].strip():
         raise DataError(f"{where}: 'completion' must end with a non-empty assistant turn")
-    return {"prompt": prompt, "completion": completion, "label": label}
+    converted = {"prompt": prompt, "completion": completion, "label": label}
+    if row.get("ended") is not None:  # the sampling stage's: did the model end that answer (stages/data/unended.py)
+        if not isinstance(row["ended"], bool):
+            raise DataError(f"{where}: 'ended' must be true or false, got {row['ended']!r}")
+        converted["ended"] = row["ended"]
+    return converted
 
 
 def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pairs `{"prompt", "chosen", "rejected"}` -> two feedback rows each (chosen: label true, then rejected: false),
-    all pairs in one call of trl.data_utils.unpair_preference_dataset. Other columns (a margin) are dropped."""
-    return unpair_pairs([{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs])  # FEEDBACK_COLUMNS out
+    all pairs in one call of trl.data_utils.unpair_preference_dataset. Other columns (a margin) are dropped, except
+    the sampling stage's flags: a row's `ended` is its side's `chosen_ended`/`rejected_ended` (missing: true)."""
+    rows = unpair_pairs([{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs])  # FEEDBACK_COLUMNS out
+    if not any(flag in pair for pair in pairs for flag in ("chosen_ended", "rejected_ended")):
+        return rows
+    flags = [pair.get(flag, True) for pair in pairs for flag in ("chosen_ended", "rejected_ended")]  # rows: chosen, rejected
+    return [row | {"ended": ended} for row, ended in zip(rows, flags, strict=True)]

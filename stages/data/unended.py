@@ -1,4 +1,4 @@
-"""Preference pairs whose answers the model did not end, tokenized as the model generated them.
+"""Preference pairs (and feedback rows) whose answers the model did not end, tokenized as the model generated them.
 
 The chat template closes every assistant turn with its end-of-turn token (SmolLM2: `<|im_end|>` and a newline),
 so TRL's DPOTrainer, tokenizing a conversational pair, gives an answer the model never finished (cut at the
@@ -7,7 +7,10 @@ that is a lesson in its own right: "after this loop, do not end the turn"; on th
 The sampling stage writes, per pair, whether the model ended each side (`chosen_ended`, `rejected_ended`:
 stages/sample.py); `unended_sides_open(trainer_class)` removes that closing from every tokenized side flagged
 false, so the pair holds exactly the tokens the model produced. Sides without a flag (pairs from files) keep the
-template's closing, as TRL gives it.
+template's closing, as TRL gives it. KTO learns from likelihoods too: its feedback rows carry `ended` (a pair's
+flag, unpaired: stages/data/feedback.py), and `unended_completions_open(trainer_class)` does the same for TRL's
+KTOTrainer (its KL completions, the batch's completions rotated by one, rebuilt from the opened ones).
+The reward model keeps the closing: it scores every answer closed (reward/scoring.py), so it trains on what it scores.
 
 `with_ended_flags(rows)` fills a missing flag with true once any row carries one (a mixture of sampled pairs and
 a file's pairs), since `datasets` takes a list's columns from its first row.
@@ -20,13 +23,14 @@ from typing import Any
 from stages import generation
 
 ENDED_FLAGS = {"chosen_ids": "chosen_ended", "rejected_ids": "rejected_ended"}
+FEEDBACK_FLAG = {"completion_ids": "ended"}  # KTO's tokenized column and its row's flag
 
 
-def with_ended_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`rows`, each with both flags (missing: true) when any row has one; unchanged otherwise."""
-    if not any(flag in row for row in rows for flag in ENDED_FLAGS.values()):
+def with_ended_flags(rows: list[dict[str, Any]], flags: dict[str, str] = ENDED_FLAGS) -> list[dict[str, Any]]:
+    """`rows`, each with every flag of `flags` (missing: true) when any row has one; unchanged otherwise."""
+    if not any(flag in row for row in rows for flag in flags.values()):
         return rows
-    return [row | {flag: row.get(flag, True) for flag in ENDED_FLAGS.values()} for row in rows]
+    return [row | {flag: row.get(flag, True) for flag in flags.values()} for row in rows]
 
 
 def without_closing(ids: list[int], turn_ends: list[int]) -> list[int]:
@@ -38,10 +42,18 @@ def without_closing(ids: list[int], turn_ends: list[int]) -> list[int]:
     return ids
 
 
-def open_unended(example: dict[str, Any], turn_ends: list[int]) -> dict[str, Any]:
-    """One tokenized pair with the closing removed from each side whose flag is false."""
+def open_unended(example: dict[str, Any], turn_ends: list[int], flags: dict[str, str] = ENDED_FLAGS) -> dict[str, Any]:
+    """One tokenized pair (or feedback row) with the closing removed from each side whose flag is false."""
     return {column: without_closing(example[column], turn_ends) if example.get(flag) is False else example[column]
-            for column, flag in ENDED_FLAGS.items()}
+            for column, flag in flags.items()}
+
+
+def _opened(dataset: Any, processing_class: Any, dataset_name: str, flags: dict[str, str]) -> Any:
+    from datasets import Dataset
+
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    described = {"desc": f"Leaving {dataset_name}'s unended answers open"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(open_unended, fn_kwargs={"turn_ends": generation.stop_ids(None, tokenizer), "flags": flags}, **described)
 
 
 def unended_sides_open(trainer_class: type) -> type:
@@ -52,11 +64,29 @@ def unended_sides_open(trainer_class: type) -> type:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             if not set(ENDED_FLAGS.values()) & set(dataset.column_names or []):
                 return dataset
-            from datasets import Dataset
-
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            described = {"desc": f"Leaving {dataset_name}'s unended answers open"} if isinstance(dataset, Dataset) else {}
-            return dataset.map(open_unended, fn_kwargs={"turn_ends": generation.stop_ids(None, tokenizer)}, **described)
+            return _opened(dataset, processing_class, dataset_name, ENDED_FLAGS)
 
     UnendedOpen.__name__ = UnendedOpen.__qualname__ = trainer_class.__name__
     return UnendedOpen
+
+
+def unended_completions_open(trainer_class: type) -> type:
+    """`trainer_class` (TRL's KTOTrainer or a subclass) whose tokenized rows leave unended completions open."""
+
+    class UnendedOpen(trainer_class):  # type: ignore[misc, valid-type]
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if "ended" not in (dataset.column_names or []):
+                return dataset
+            dataset = _opened(dataset, processing_class, dataset_name, FEEDBACK_FLAG)
+            if "KL_completion_ids" not in dataset.column_names:
+                return dataset
+            # TRL's KL completions: each batch's completions rotated by one (KTOTrainer._prepare_dataset), again
+            return dataset.map(_rotated, batched=True, batch_size=args.per_device_train_batch_size)
+
+    UnendedOpen.__name__ = UnendedOpen.__qualname__ = trainer_class.__name__
+    return UnendedOpen
+
+
+def _rotated(examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {"KL_completion_ids": [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]}

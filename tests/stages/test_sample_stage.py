@@ -130,6 +130,26 @@ def test_require_ended_keeps_cut_answers_out_of_rows_and_chosen_and_prefers_them
     assert [(p["chosen_ended"], p["rejected_ended"]) for p in pairs] == [(False, True), (False, False)]
 
 
+def test_prefer_short_picks_the_fewest_words_among_the_best_and_the_most_among_the_worst() -> None:
+    """Among equal best scores the shortest answer is the row and the chosen side, among equal worst the longest is
+    the rejected one; the scores still come first (a longer answer that scores higher stays the best), and without
+    the option sample order decides, as before. The summary reports the kept answers' lengths."""
+    def sampled(prompt_index: int, *answers: tuple[str, float]) -> list[dict]:
+        return [{"prompt": [{"role": "user", "content": "q"}], "response": text, "score": score, "sample": i,
+                 "prompt_index": prompt_index, "ended": True} for i, (text, score) in enumerate(answers)]
+
+    samples = (sampled(0, ("a long good answer", 1.0), ("good one", 1.0), ("bad", 0.0), ("a long bad answer here", 0.0))
+               + sampled(1, ("the longest answer wins here", 1.0), ("short", 0.5)))
+    rows, pairs = sample.select(samples, 0.5, 0.0, require_ended=True, prefer_short=True)
+    assert [row["messages"][-1]["content"] for row in rows] == ["good one", "the longest answer wins here"]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
+        ("good one", "a long bad answer here"), ("the longest answer wins here", "short")]
+    rows, pairs = sample.select(samples, 0.5, 0.0, require_ended=True)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs][0] == ("a long good answer", "bad")
+    metrics = sample.summary(samples, *sample.select(samples, 0.5, 0.0, prefer_short=True), 2, {})
+    assert metrics["samples/row_words"] == (2 + 5) / 2 and metrics["samples/rejected_words"] == (5 + 1) / 2
+
+
 def test_sample_needs_a_scorer() -> None:
     from stages.core.config import ConfigError
 

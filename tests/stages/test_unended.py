@@ -1,6 +1,7 @@
 """Pairs whose answers the model did not end (stages/data/unended.py): TRL's DPOTrainer, wrapped, tokenizes such a
-side without the chat template's closing and leaves every other side as TRL gives it; the flags ride through the
-preference loader and are filled where a mixture's rows lack them."""
+side without the chat template's closing and leaves every other side as TRL gives it; KTOTrainer, wrapped, does the
+same for feedback rows (and its KL completions); the flags ride through the preference and feedback loaders and are
+filled where a mixture's rows lack them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from stages import generation
 from stages.core import models
 from stages.core.registry import Registry
-from stages.data import DataError, convert_preference_row
-from stages.data.unended import unended_sides_open, with_ended_flags, without_closing
+from stages.data import DataError, convert_feedback_row, convert_preference_row, unpair
+from stages.data.unended import FEEDBACK_FLAG, unended_completions_open, unended_sides_open, with_ended_flags, without_closing
 
 
 def _pairs() -> list[dict[str, Any]]:
@@ -73,3 +74,49 @@ def test_flags_ride_through_the_preference_loader_and_are_filled_in_a_mixture() 
     assert with_ended_flags([from_file, sampled]) == [
         {"prompt": "r", "chosen_ended": True, "rejected_ended": True}, {"prompt": "q", "chosen_ended": True, "rejected_ended": False}]
     assert with_ended_flags([from_file]) == [from_file]
+
+
+def test_kto_tokenizes_an_unended_completion_open_and_rotates_the_opened_ones_for_kl(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """Pairs unpaired for KTO keep each side's flag as `ended`; the wrapped KTOTrainer gives a completion flagged
+    false its own tokens only, others TRL's, and its KL completions are the batch's opened completions rotated by one
+    (what TRL builds from its own): an unended answer is open wherever KTO reads it."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    rows = unpair(_pairs())
+    assert [row["ended"] for row in rows] == [True, False, True, True, False, True]
+    assert [row["label"] for row in rows] == [True, False] * 3
+
+    def tokenized(trainer_class: type, name: str) -> list[dict[str, Any]]:
+        model = models.load_causal_lm(Registry(os.devnull).get("tiny-llama"))
+        args = KTOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False)
+        trainer = trainer_class(model=model, ref_model=models.load_causal_lm(Registry(os.devnull).get("tiny-llama")), args=args,
+                                train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+        return [trainer.train_dataset[index] for index in range(len(rows))]
+
+    plain, opened = tokenized(KTOTrainer, "plain"), tokenized(unended_completions_open(KTOTrainer), "opened")
+    turn_end = generation.end_of_turn_token(tiny_tokenizer)
+    for row, before, after in zip(rows, plain, opened):
+        assert after["prompt_ids"] == before["prompt_ids"] and turn_end in before["completion_ids"]
+        if row["ended"]:
+            assert after["completion_ids"] == before["completion_ids"]
+        else:
+            ids = after["completion_ids"]
+            assert turn_end not in ids and ids == before["completion_ids"][: len(ids)]
+            assert tiny_tokenizer.decode(ids).strip() == row["completion"][0]["content"]
+    assert "KL_completion_ids" in plain[0]  # the default loss computes the KL term
+    for start in (0, 4):  # batches of 4: TRL's rotation, over the opened completions
+        batch = opened[start: start + 4]
+        assert [example["KL_completion_ids"] for example in batch] == [batch[-1]["completion_ids"]] + [
+            example["completion_ids"] for example in batch[:-1]]
+
+
+def test_the_feedback_loader_keeps_ended_and_a_mixture_fills_it() -> None:
+    row = {"prompt": "q", "completion": "a a a", "label": False, "ended": False}
+    assert convert_feedback_row(row, "feedback.jsonl row 2")["ended"] is False
+    assert "ended" not in convert_feedback_row(row | {"ended": None}, "feedback.jsonl row 2")
+    with pytest.raises(DataError, match=r"feedback.jsonl row 2: 'ended' must be true or false, got 1"):
+        convert_feedback_row(row | {"ended": 1}, "feedback.jsonl row 2")
+    assert with_ended_flags([{"prompt": "r"}, {"prompt": "q", "ended": False}], FEEDBACK_FLAG) == [
+        {"prompt": "r", "ended": True}, {"prompt": "q", "ended": False}]
+    assert all("ended" not in row for row in unpair([{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in _pairs()]))

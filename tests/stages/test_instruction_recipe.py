@@ -37,7 +37,7 @@ def _shrunk_recipe(tmp_path: Path) -> Path:
 
     recipe = yaml.safe_load((REPO_ROOT / "configs/recipes/smollm2_if.yaml").read_text())
     few_prompts = {"datasets": [{"source": "data/instructions/train.jsonl", "num_examples": 4, "eval_fraction": 0}],
-                   "max_new_tokens": 24, "keep_threshold": 0.0,
+                   "num_samples": 2, "max_new_tokens": 24, "keep_threshold": 0.0,
                    "require_ended": False}
     benchmarks = {"benchmark_limit": 2, "benchmark_max_new_tokens": 16}
     sizes = {

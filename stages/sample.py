@@ -79,7 +79,8 @@ class SampleStageConfig(StageConfig):
     prefer_short: bool = field(default=False, metadata={
         "help": "among the answers with the best score, the shortest (in words) is the row and the chosen side, and among "
                 "the worst the longest is the rejected side: a longer answer the checkers pass no better teaches length "
-                "nobody asked for (default: the first in sample order)."})
+                "nobody asked for (default: the first in sample order). Ties only: with a reward model among the "
+                "scorers scores rarely tie, and the option changes little."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -230,10 +231,10 @@ def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_marg
         if not candidates:
             continue
         # the first of equals: sample order breaks the ties left
-        best = max(candidates, key=lambda sample: (sample["score"], -words(sample) if prefer_short else 0))
+        best = max(candidates, key=lambda sample: (sample["score"], -_words(sample["response"]) if prefer_short else 0))
         # require_ended: among equal scores a cut answer first (False < True)
         worst = min(own or group, key=lambda sample: (sample["score"], require_ended and sample.get("ended", True),
-                                                      -words(sample) if prefer_short else 0))
+                                                      -_words(sample["response"]) if prefer_short else 0))
         if keep_threshold is None or best["score"] >= keep_threshold:
             rows.append({"messages": best["prompt"] + [{"role": "assistant", "content": best["response"]}], "score": best["score"],
                          "repaired": bool(best.get("repaired")), "prompt_index": prompt_index})
@@ -250,8 +251,9 @@ def select(samples: list[dict[str, Any]], keep_threshold: float | None, min_marg
     return rows, pairs
 
 
-def words(sample: dict[str, Any]) -> int:
-    return len(sample["response"].split())
+def _words(text: str) -> int:
+    """An answer's length as the checkers count it roughly: whitespace-separated words."""
+    return len(text.split())
 
 
 def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompts: int, per_function: dict[str, list[float]]) -> dict[str, float]:
@@ -269,8 +271,8 @@ def summary(samples: list[dict], rows: list[dict], pairs: list[dict], num_prompt
     }
     for name, answers in (("row", [row["messages"][-1] for row in rows]), ("chosen", [pair["chosen"][0] for pair in pairs]),
                           ("rejected", [pair["rejected"][0] for pair in pairs])):
-        if answers:  # what the kept answers teach about length (prefer_short)
-            metrics[f"samples/{name}_words"] = sum(len(answer["content"].split()) for answer in answers) / len(answers)
+        # what the kept answers teach about length (prefer_short); 0 when none was kept
+        metrics[f"samples/{name}_words"] = sum(_words(answer["content"]) for answer in answers) / len(answers) if answers else 0.0
     repaired = [sample for sample in samples if sample.get("repaired")]
     if repaired:
         metrics["samples/repaired"] = float(len(repaired))

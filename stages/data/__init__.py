@@ -13,8 +13,8 @@
 - `batching`: length-bucketed, shuffled batches for TRL's trainers (`length_grouping`);
 - `packing`: padding-free preference pairs for TRL's DPO and reward trainers (`padding_free`): each batch's
   sequences run through the model's backbone packed without padding, same loss and gradients as padded;
-- `unended`: preference pairs whose answers the model did not end (cut at the sampling stage's `max_new_tokens`),
-  tokenized for TRL's DPOTrainer without the chat template's closing end-of-turn;
+- `unended`: preference pairs and feedback rows whose answers the model did not end (cut at the sampling stage's
+  `max_new_tokens`), tokenized for TRL's DPOTrainer and KTOTrainer without the chat template's closing end-of-turn;
 - `sft_packing`: padding-free SFT batches (`train.padding_free`): TRL's one-row batch re-laid first-fit into rows as
   wide as the longest sequence (`packing.first_fit_rows`), same loss and gradients as padded; imports TRL.
 

@@ -5,7 +5,8 @@ Formats (convert_feedback_row): TRL's published unpaired-preference format, the 
 (`prompt` and `completion` as message lists, `label` a boolean), or the same with plain strings. A source of
 pairs (any format stages/data/preferences.py reads) is converted whole, then unpaired with one call of TRL's own
 `unpair_preference_dataset` (stages/tasks/pairs.py, `unpair`): every pair gives its chosen answer labelled true and
-its rejected one labelled false. A row without a label, or with one that is not a boolean, is an error naming the
+its rejected one labelled false, each keeping its side's `chosen_ended`/`rejected_ended` as `ended` (did the model
+end that answer: stages/data/unended.py, for KTO). A row without a label, or with one that is not a boolean, is an error naming the
 file and row (with `drop_malformed`, a counted skip).
 
 Held out (eval_fraction) by prompt, not by row: in kto-mix-14k each prompt holds a thumbs up and a thumbs down answer,
@@ -21,6 +22,7 @@ from stages.data.formats import (
     DataError, DatasetSpec, by_prompt, check_messages, heldout_indices, heldout_raw_rows, read_rows, rename_columns, require_value,
 )
 from stages.data.preferences import convert_pairs, convert_preference_row, convert_rows
+from stages.data.unended import ENDED_FLAGS
 from stages.tasks.pairs import unpair as unpair_pairs
 
 FEEDBACK_COLUMNS = ("prompt", "completion", "label")
@@ -60,7 +62,7 @@ def _convert(
 
 
 def convert_feedback_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """One unpaired row -> conversational prompt/completion/label (other columns dropped)."""
+    """One unpaired row -> conversational prompt/completion/label, and `ended` when given (other columns dropped)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     for column in FEEDBACK_COLUMNS:
@@ -87,7 +89,8 @@ def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     all pairs in one call of trl.data_utils.unpair_preference_dataset. Other columns (a margin) are dropped, except
     the sampling stage's flags: a row's `ended` is its side's `chosen_ended`/`rejected_ended` (missing: true)."""
     rows = unpair_pairs([{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs])  # FEEDBACK_COLUMNS out
-    if not any(flag in pair for pair in pairs for flag in ("chosen_ended", "rejected_ended")):
+    sides = ENDED_FLAGS.values()  # chosen_ended, rejected_ended: unpair_pairs gives each pair's chosen row, then its rejected
+    if not any(flag in pair for pair in pairs for flag in sides):
         return rows
-    flags = [pair.get(flag, True) for pair in pairs for flag in ("chosen_ended", "rejected_ended")]  # rows: chosen, rejected
+    flags = [pair.get(flag, True) for pair in pairs for flag in sides]
     return [row | {"ended": ended} for row, ended in zip(rows, flags, strict=True)]

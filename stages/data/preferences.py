@@ -82,7 +82,7 @@ def convert_preference_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     - Anthropic HH-RLHF raw text (Human:/Assistant: transcripts), which TRL does not read.
     The margin: a `margin` column, else `score_chosen - score_rejected`, else `chosen_rating - rejected_rating`.
     `chosen_ended`/`rejected_ended` (the sampling stage's; false: the model did not end that answer) ride along for
-    DPO (stages/data/unended.py).
+    DPO and KTO (stages/data/unended.py).
     """
     from trl.data_utils import extract_prompt, maybe_extract_prompt
 

@@ -48,12 +48,22 @@ def open_unended(example: dict[str, Any], turn_ends: list[int], flags: dict[str,
             for column, flag in flags.items()}
 
 
-def _opened(dataset: Any, processing_class: Any, dataset_name: str, flags: dict[str, str]) -> Any:
+def _columns(dataset: Any) -> list[str]:
+    """A dataset's columns; an IterableDataset after `map` knows none until read, so its first row says."""
+    return list(dataset.column_names or next(iter(dataset), {}))
+
+
+def _map_kwargs(dataset: Any, args: Any, description: str) -> dict[str, Any]:
+    """As TRL maps: `desc` and its `dataset_num_proc` for a map-style dataset (the same shards, so the same batches)."""
     from datasets import Dataset
 
+    return {"desc": description, "num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+
+
+def _opened(dataset: Any, processing_class: Any, args: Any, dataset_name: str, flags: dict[str, str]) -> Any:
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    described = {"desc": f"Leaving {dataset_name}'s unended answers open"} if isinstance(dataset, Dataset) else {}
-    return dataset.map(open_unended, fn_kwargs={"turn_ends": generation.stop_ids(None, tokenizer), "flags": flags}, **described)
+    return dataset.map(open_unended, fn_kwargs={"turn_ends": generation.stop_ids(None, tokenizer), "flags": flags},
+                       **_map_kwargs(dataset, args, f"Leaving {dataset_name}'s unended answers open"))
 
 
 def unended_sides_open(trainer_class: type) -> type:
@@ -62,9 +72,9 @@ def unended_sides_open(trainer_class: type) -> type:
     class UnendedOpen(trainer_class):  # type: ignore[misc, valid-type]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if not set(ENDED_FLAGS.values()) & set(dataset.column_names or []):
+            if not set(ENDED_FLAGS.values()) & set(_columns(dataset)):
                 return dataset
-            return _opened(dataset, processing_class, dataset_name, ENDED_FLAGS)
+            return _opened(dataset, processing_class, args, dataset_name, ENDED_FLAGS)
 
     UnendedOpen.__name__ = UnendedOpen.__qualname__ = trainer_class.__name__
     return UnendedOpen
@@ -76,13 +86,17 @@ def unended_completions_open(trainer_class: type) -> type:
     class UnendedOpen(trainer_class):  # type: ignore[misc, valid-type]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if "ended" not in (dataset.column_names or []):
+            columns = _columns(dataset)
+            if not set(FEEDBACK_FLAG.values()) & set(columns):
                 return dataset
-            dataset = _opened(dataset, processing_class, dataset_name, FEEDBACK_FLAG)
-            if "KL_completion_ids" not in dataset.column_names:
+            dataset = _opened(dataset, processing_class, args, dataset_name, FEEDBACK_FLAG)
+            if "KL_completion_ids" not in columns:
                 return dataset
-            # TRL's KL completions: each batch's completions rotated by one (KTOTrainer._prepare_dataset), again
-            return dataset.map(_rotated, batched=True, batch_size=args.per_device_train_batch_size)
+            # TRL 1.x builds its KL completions inside _prepare_dataset, from the closed ones: each batch of
+            # per_device_train_batch_size completions rotated by one (its add_kl_completion_ids); rebuilt here with
+            # the same batches. Drop this step if TRL ever exposes the tokenization before it.
+            return dataset.map(_rotated, batched=True, batch_size=args.per_device_train_batch_size,
+                               **_map_kwargs(dataset, args, f"Rebuilding {dataset_name}'s KL completions"))
 
     UnendedOpen.__name__ = UnendedOpen.__qualname__ = trainer_class.__name__
     return UnendedOpen

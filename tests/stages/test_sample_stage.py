@@ -139,15 +139,19 @@ def test_prefer_short_picks_the_fewest_words_among_the_best_and_the_most_among_t
                  "prompt_index": prompt_index, "ended": True} for i, (text, score) in enumerate(answers)]
 
     samples = (sampled(0, ("a long good answer", 1.0), ("good one", 1.0), ("bad", 0.0), ("a long bad answer here", 0.0))
-               + sampled(1, ("the longest answer wins here", 1.0), ("short", 0.5)))
+               + sampled(1, ("the longest answer wins here", 1.0), ("short", 0.5))
+               + sampled(2, ("fine", 1.0), ("a cut answer", 0.0), ("a much longer ended answer", 0.0)))
+    samples[-2]["ended"] = False  # require_ended: among the worst a cut answer comes before a longer ended one
     rows, pairs = sample.select(samples, 0.5, 0.0, require_ended=True, prefer_short=True)
-    assert [row["messages"][-1]["content"] for row in rows] == ["good one", "the longest answer wins here"]
+    assert [row["messages"][-1]["content"] for row in rows] == ["good one", "the longest answer wins here", "fine"]
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
-        ("good one", "a long bad answer here"), ("the longest answer wins here", "short")]
+        ("good one", "a long bad answer here"), ("the longest answer wins here", "short"), ("fine", "a cut answer")]
     rows, pairs = sample.select(samples, 0.5, 0.0, require_ended=True)
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs][0] == ("a long good answer", "bad")
-    metrics = sample.summary(samples, *sample.select(samples, 0.5, 0.0, prefer_short=True), 2, {})
-    assert metrics["samples/row_words"] == (2 + 5) / 2 and metrics["samples/rejected_words"] == (5 + 1) / 2
+    metrics = sample.summary(samples[:6], *sample.select(samples[:6], 0.5, 0.0, prefer_short=True), 2, {})
+    assert metrics["samples/row_words"] == metrics["samples/chosen_words"] == (2 + 5) / 2
+    assert metrics["samples/rejected_words"] == (5 + 1) / 2
+    assert sample.summary(samples, [], [], 3, {})["samples/chosen_words"] == 0.0  # the same keys when nothing is kept
 
 
 def test_sample_needs_a_scorer() -> None:

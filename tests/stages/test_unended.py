@@ -84,8 +84,9 @@ def test_kto_tokenizes_an_unended_completion_open_and_rotates_the_opened_ones_fo
     from trl import KTOConfig, KTOTrainer
 
     rows = unpair(_pairs())
-    assert [row["ended"] for row in rows] == [True, False, True, True, False, True]
     assert [row["label"] for row in rows] == [True, False] * 3
+    assert [row["completion"][0]["content"] for row in rows if not row["ended"]] == ["ab ab ab ab", "xyz"]
+    assert [row["ended"] for row in unpair([{"prompt": "q", "chosen": "a", "rejected": "b b", "rejected_ended": False}])] == [True, False]
 
     def tokenized(trainer_class: type, name: str) -> list[dict[str, Any]]:
         model = models.load_causal_lm(Registry(os.devnull).get("tiny-llama"))
@@ -104,11 +105,11 @@ def test_kto_tokenizes_an_unended_completion_open_and_rotates_the_opened_ones_fo
             ids = after["completion_ids"]
             assert turn_end not in ids and ids == before["completion_ids"][: len(ids)]
             assert tiny_tokenizer.decode(ids).strip() == row["completion"][0]["content"]
-    assert "KL_completion_ids" in plain[0]  # the default loss computes the KL term
-    for start in (0, 4):  # batches of 4: TRL's rotation, over the opened completions
-        batch = opened[start: start + 4]
-        assert [example["KL_completion_ids"] for example in batch] == [batch[-1]["completion_ids"]] + [
-            example["completion_ids"] for example in batch[:-1]]
+    # TRL's own KL pairing (whose completion each row borrows, read from the unwrapped trainer), over the opened ones
+    assert len({tuple(example["completion_ids"]) for example in plain}) == len(plain)
+    borrowed = [next(j for j, other in enumerate(plain) if other["completion_ids"] == example["KL_completion_ids"]) for example in plain]
+    assert borrowed != list(range(len(plain)))  # the default loss computes the KL term from mismatched rows
+    assert [example["KL_completion_ids"] for example in opened] == [opened[j]["completion_ids"] for j in borrowed]
 
 
 def test_the_feedback_loader_keeps_ended_and_a_mixture_fills_it() -> None:

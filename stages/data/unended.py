@@ -60,39 +60,32 @@ def _map_kwargs(dataset: Any, args: Any, description: str) -> dict[str, Any]:
     return {"desc": description, "num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
 
 
-def _opened(dataset: Any, processing_class: Any, args: Any, dataset_name: str, flags: dict[str, str]) -> Any:
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    return dataset.map(open_unended, fn_kwargs={"turn_ends": generation.stop_ids(None, tokenizer), "flags": flags},
-                       **_map_kwargs(dataset, args, f"Leaving {dataset_name}'s unended answers open"))
-
-
 def unended_sides_open(trainer_class: type) -> type:
     """`trainer_class` (TRL's DPOTrainer or a subclass) whose tokenized pairs leave unended sides open."""
-
-    class UnendedOpen(trainer_class):  # type: ignore[misc, valid-type]
-        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if not set(ENDED_FLAGS.values()) & set(_columns(dataset)):
-                return dataset
-            return _opened(dataset, processing_class, args, dataset_name, ENDED_FLAGS)
-
-    UnendedOpen.__name__ = UnendedOpen.__qualname__ = trainer_class.__name__
-    return UnendedOpen
+    return _opening(trainer_class, ENDED_FLAGS)
 
 
 def unended_completions_open(trainer_class: type) -> type:
     """`trainer_class` (TRL's KTOTrainer or a subclass) whose tokenized rows leave unended completions open."""
+    return _opening(trainer_class, FEEDBACK_FLAG)
+
+
+def _opening(trainer_class: type, flags: dict[str, str]) -> type:
+    """`trainer_class` whose `_prepare_dataset` output has the closing removed from each column of `flags` whose row's
+    flag is false (nothing to do when no row has the flag)."""
 
     class UnendedOpen(trainer_class):  # type: ignore[misc, valid-type]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             columns = _columns(dataset)
-            if not set(FEEDBACK_FLAG.values()) & set(columns):
+            if not set(flags.values()) & set(columns):
                 return dataset
-            dataset = _opened(dataset, processing_class, args, dataset_name, FEEDBACK_FLAG)
-            if "KL_completion_ids" not in columns:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            dataset = dataset.map(open_unended, fn_kwargs={"turn_ends": generation.stop_ids(None, tokenizer), "flags": flags},
+                                  **_map_kwargs(dataset, args, f"Leaving {dataset_name}'s unended answers open"))
+            if "KL_completion_ids" not in columns:  # KTO's only
                 return dataset
-            # TRL 1.x builds its KL completions inside _prepare_dataset, from the closed ones: each batch of
+            # TRL 1.x builds KTO's KL completions inside _prepare_dataset, from the closed ones: each batch of
             # per_device_train_batch_size completions rotated by one (its add_kl_completion_ids); rebuilt here with
             # the same batches. Drop this step if TRL ever exposes the tokenization before it.
             return dataset.map(_rotated, batched=True, batch_size=args.per_device_train_batch_size,
